@@ -1,0 +1,185 @@
+"""Functional API: validated entry points onto ``adaptkern::adapter_linear``.
+
+Every function here checks its inputs on the host and raises ``TypeError``/``ValueError``
+naming the argument and the shapes; the kernels behind them trust what they are given.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import reference
+from .ops.adapter_linear import ROUTES, adapter_linear_op
+from .ops.config import ONEPASS_MAX_RANK
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, ndim: Optional[int], optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_shape(name: str, t: Optional[Tensor], shape: tuple, what: str) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(t.shape)}")
+
+
+def _check_devices(named: dict) -> None:
+    devices = {n: t.device for n, t in named.items() if t is not None}
+    first = next(iter(devices))
+    for n, d in devices.items():
+        if d != devices[first]:
+            raise ValueError(f"all tensors must be on one device: {first} is on {devices[first]}, {n} is on {d}")
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _check_x(x: Tensor, weight: Tensor) -> tuple[int, int]:
+    _check_tensor("x", x, None)
+    _check_tensor("weight", weight, 2)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim [..., K], got shape {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim must equal weight's K: x {tuple(x.shape)}, weight {tuple(weight.shape)} [N, K]")
+    return n, k
+
+
+def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation="identity", dropout_p=0.0,
+                   route="auto"):
+    """The general fused adapter linear; LoRA and both bottleneck placements reduce to it.
+
+    Semantics: y = x·Wᵀ + b + scale·(f(dropout(x)·Aᵀ + a)·Bᵀ + c).
+
+    Shapes: x [..., K], weight [N, K], bias [N] | None, a_w [R, K], a_b [R] | None,
+    b_w [N, R], b_b [N] | None -> y [..., N] in x's dtype. Parameters of another floating
+    dtype are cast to x's dtype (differentiably). ``route`` forces the one-pass or split
+    forward kernel ("auto": the heuristic of ``adaptkern.ops.config``).
+    """
+    n, k = _check_x(x, weight)
+    _check_tensor("bias", bias, 1, optional=True)
+    _check_tensor("a_w", a_w, 2)
+    _check_tensor("a_b", a_b, 1, optional=True)
+    _check_tensor("b_w", b_w, 2)
+    _check_tensor("b_b", b_b, 1, optional=True)
+    r = a_w.shape[0]
+    _check_shape("bias", bias, (n,), "N of weight")
+    _check_shape("a_w", a_w, (r, k), "[R, K], K of x and weight")
+    _check_shape("a_b", a_b, (r,), "R of a_w")
+    if b_w.shape[0] != n:
+        raise ValueError(f"b_w's first dim must equal N: b_w {tuple(b_w.shape)}, weight {tuple(weight.shape)}")
+    if b_w.shape[1] != r:
+        raise ValueError(f"rank mismatch: a_w {tuple(a_w.shape)} has R={r}, b_w {tuple(b_w.shape)} has {b_w.shape[1]}")
+    _check_shape("b_b", b_b, (n,), "N of weight")
+    if r < 1:
+        raise ValueError(f"the adapter rank must be at least 1, got a_w {tuple(a_w.shape)}")
+    _check_devices(dict(x=x, weight=weight, bias=bias, a_w=a_w, a_b=a_b, b_w=b_w, b_b=b_b))
+    act = reference.canonical_activation(activation)
+    scale = _check_scale(scale)
+    dropout_p = _check_dropout(dropout_p)
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "onepass" and r > 2 * ONEPASS_MAX_RANK:
+        raise ValueError(f"route='onepass' supports R <= {2 * ONEPASS_MAX_RANK}, got R={r}")
+
+    params = [None if t is None else t.to(x.dtype) for t in (weight, bias, a_w, a_b, b_w, b_b)]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    need_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    y, _ = adapter_linear_op(x2, *params, scale, act, dropout_p, seed, need_z, route)
+    return y.reshape(*lead, n)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, dropout_p=0.0, route="auto"):
+    """Fused LoRA linear.
+
+    Semantics: y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ.
+
+    Shapes: x [..., K], weight [N, K], bias [N] | None, lora_a [r, K], lora_b [N, r]
+    -> y [..., N] in x's dtype. Dropout (when dropout_p > 0) applies to the adapter
+    branch's x only, as PEFT does.
+    """
+    _check_tensor("lora_a", lora_a, 2)
+    _check_tensor("lora_b", lora_b, 2)
+    if lora_a.shape[0] != lora_b.shape[1]:
+        raise ValueError(f"rank mismatch: lora_a {tuple(lora_a.shape)} [r, K] vs lora_b {tuple(lora_b.shape)} [N, r]")
+    if isinstance(weight, Tensor) and weight.dim() == 2 and lora_a.shape[1] != weight.shape[1]:
+        raise ValueError(f"lora_a's K must equal weight's K: lora_a {tuple(lora_a.shape)}, weight {tuple(weight.shape)}")
+    return adapter_linear(x, weight, bias, lora_a, None, lora_b, None, scale=scale, dropout_p=dropout_p, route=route)
+
+
+def _check_placement(placement) -> str:
+    if placement not in reference.PLACEMENTS:
+        raise ValueError(f"placement must be one of {reference.PLACEMENTS}, got {placement!r}")
+    return placement
+
+
+def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bias, *, scale=1.0,
+                      activation="relu", placement="sequential", folded=None, route="auto"):
+    """Fused bottleneck adapter on a linear layer.
+
+    Semantics:
+      sequential (Houlsby/Pfeiffer): h = x·Wᵀ + b; y = h + scale·(f(h·Dᵀ + d)·Uᵀ + u);
+      parallel:                      y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u).
+
+    Shapes: x [..., K], weight [N, K], bias [N] | None, down_weight [R, N] (sequential) or
+    [R, K] (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None -> y [..., N].
+    The sequential adapter runs through the folded down-projection A = D·W, a = D·b + d;
+    ``folded`` may pass a precomputed (A, a) (``AdapterLinear`` caches it for inference).
+    """
+    placement = _check_placement(placement)
+    n, k = _check_x(x, weight)
+    _check_tensor("down_weight", down_weight, 2)
+    _check_tensor("down_bias", down_bias, 1, optional=True)
+    _check_tensor("up_weight", up_weight, 2)
+    want = n if placement == "sequential" else k
+    if down_weight.shape[1] != want:
+        dim = "N (the linear's output: sequential placement)" if placement == "sequential" else "K (parallel placement)"
+        raise ValueError(f"down_weight's second dim must be {dim}: down_weight {tuple(down_weight.shape)}, "
+                         f"weight {tuple(weight.shape)} [N, K]")
+    if up_weight.shape[1] != down_weight.shape[0]:
+        raise ValueError(f"rank mismatch: down_weight {tuple(down_weight.shape)} [R, ·] vs up_weight "
+                         f"{tuple(up_weight.shape)} [N, R]")
+    if placement == "parallel":
+        a_w, a_b = down_weight, down_bias
+    elif folded is not None:
+        a_w, a_b = folded
+    else:
+        _check_tensor("bias", bias, 1, optional=True)
+        _check_shape("bias", bias, (n,), "N of weight")
+        _check_shape("down_bias", down_bias, (down_weight.shape[0],), "R of down_weight")
+        _check_devices(dict(weight=weight, bias=bias, down_weight=down_weight, down_bias=down_bias))
+        a_w, a_b = reference.fold_sequential(weight, bias, down_weight, down_bias)
+    return adapter_linear(x, weight, bias, a_w, a_b, up_weight, up_bias, scale=scale, activation=activation,
+                          route=route)

@@ -1,0 +1,1 @@
+"""Kernels, launchers and registered ops. ``reference`` is the spec and the test oracle."""

@@ -1,0 +1,102 @@
+"""Launch configurations and the one-pass/split route heuristic, in one cached place.
+
+These defaults are reasoned, not yet measured (no GPU was at hand when they were set; the
+tuning issue replaces them with per-GPU tables):
+
+* one-pass recomputes ``x·Aᵀ`` for every N tile: ``R_pad/BLOCK_N`` extra flops over the
+  base GEMM (12.5 % at r=16, BLOCK_N=128). At small M the layer is bound by reading W,
+  so those flops are free and one launch beats two. At M=8192, K=N=4096 the split route
+  pays one more launch and one more read of x (64 MB, ~25 µs at 3 TB/s) against a
+  ~390 µs GEMM, less than the one-pass route's 12.5 % (~50 µs): split wins at large M.
+* the one-pass epilogue holds a ``BLOCK_M×BLOCK_R`` accumulator next to the output tile,
+  so ranks above 64 always take the split route.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import triton
+
+ONEPASS_MAX_RANK = 64
+ONEPASS_MAX_M = 1024
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (max(m, 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_config(m_bucket: int, n: int, interpret: bool) -> GemmConfig:
+    if interpret:  # fewer, larger programs run faster under numpy
+        return GemmConfig(64, 64, 64, 4, 4, 1)
+    if m_bucket <= 16:
+        return GemmConfig(16, 128, 128, 1, 4, 4)
+    if m_bucket <= 64:
+        return GemmConfig(64, 128, 64, 4, 4, 4)
+    if n <= 64:
+        return GemmConfig(128, 64, 64, 8, 4, 4)
+    return GemmConfig(128, 128, 64, 8, 8, 3)
+
+
+def gemm_config(m: int, n: int) -> GemmConfig:
+    """Block shape for an [m, n] output of ``_gemm_kernel``."""
+    return _gemm_config(_bucket(m), min(n, 128), interpreting())
+
+
+def block_r(rank: int) -> int:
+    """Padded rank tile of the one-pass kernel (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def onepass_config(m: int, n: int, rank: int) -> GemmConfig:
+    """Block shape for the one-pass kernel: the base config, K tile shrunk for large R."""
+    cfg = gemm_config(m, n)
+    if block_r(rank) > 32 and not interpreting():
+        cfg = cfg._replace(block_k=min(cfg.block_k, 64))
+    return cfg
+
+
+def choose_route(m: int, rank: int) -> str:
+    """'onepass' or 'split' (see the module docstring for the reasoning)."""
+    if rank <= ONEPASS_MAX_RANK and m <= ONEPASS_MAX_M:
+        return "onepass"
+    return "split"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_k(tiles: int, k: int, block_k: int, device) -> int:
+    """Split the reduction of a thin, deep product (dA = dZᵀ·x, dB = dYᵀ·S) across programs.
+
+    Used only for float32 outputs without epilogue, and never under
+    ``torch.use_deterministic_algorithms`` (the atomics change the summation order).
+    The interpreter pretends to have 8 SMs so CI exercises the path on small shapes.
+    """
+    import torch
+
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    sms = 8 if device.type != "cuda" else _num_sms(device.index or 0)
+    return max(1, min(16, sms // max(tiles, 1), k // (2 * block_k)))
