@@ -1,0 +1,217 @@
+"""Patch Hugging Face models in place: ``nn.Linear`` (and transformers' ``Conv1D``) -> ``AdapterLinear``.
+
+Modules are replaced by type and name, never by rebinding model code. The replacement
+shares the original Parameters, so parameter names, tied weights and the base model's
+state dict keys are unchanged; adapters add keys under ``<module>.adapters.<name>.``.
+
+Target selection follows PEFT's ``target_modules``: a list of name suffixes (a module
+matches when its full name equals a suffix or ends with ``"." + suffix``), a regex string
+matched with ``re.fullmatch`` against the full module name, or None / ``"all-linear"``:
+every linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Union
+
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ..nn import AdapterLinear, BottleneckAdapter, LoraAdapter
+
+TargetModules = Union[None, str, Iterable[str]]
+
+# Output heads excluded when target_modules is None and the model has no get_output_embeddings().
+_HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+class Conv1DAdapter(AdapterLinear):
+    """``AdapterLinear`` over a transformers ``Conv1D`` (GPT-2), keeping Conv1D's weight layout.
+
+    Semantics: y = x·Wᵀ + b + (the active adapter's term), as ``AdapterLinear``, where
+    W [out, in] is the transpose view of the stored Parameter.
+
+    The Parameter registered as ``weight`` is the Conv1D's own ``[in, out]`` tensor, so the
+    state dict, tied or shared weights and gradients keep GPT-2's layout. Reading the
+    ``.weight`` attribute returns its ``[out, in]`` transpose (a free strided view), which
+    is the ``nn.Linear`` contract the fused kernels, ``merge`` and every other reader rely
+    on; assigning a Parameter to ``.weight`` stores an ``[in, out]`` one, as on Conv1D.
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        return self._parameters["weight"].t()
+
+    @classmethod
+    def from_conv1d(cls, conv: Conv1D) -> "Conv1DAdapter":
+        """Wrap ``conv``, sharing (not copying) its weight [in, out] and bias [out] Parameters."""
+        if not isinstance(conv, Conv1D):
+            raise TypeError(f"from_conv1d expects a transformers Conv1D, got {type(conv).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = conv.weight.shape
+        new._parameters["weight"] = conv.weight  # direct: the weight property shadows register_parameter's check
+        new.register_parameter("bias", conv.bias)
+        new._init_adapter_state()
+        new.train(conv.training)
+        return new
+
+
+def _check_targets(target_modules: TargetModules) -> Union[None, str, tuple[str, ...]]:
+    if target_modules is None or target_modules == "all-linear":
+        return None
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regex: {target_modules!r} ({e})") from None
+        return target_modules
+    if isinstance(target_modules, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in target_modules):
+        return tuple(target_modules)
+    raise TypeError(f"target_modules must be None, a regex str or a list of str, got {target_modules!r}")
+
+
+def name_matches(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
+    """Semantics: PEFT's rule: ``re.fullmatch(target_modules, name)`` for a str, else
+    ``name == t or name.endswith("." + t)`` for some t in the list."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        return {n for n, m in model.named_modules() if m is head}
+    return {n for n, _ in model.named_modules() if n.split(".")[-1] in _HEAD_NAMES}
+
+
+def target_module_names(model: nn.Module, target_modules: TargetModules = None) -> list[str]:
+    """Names of the linear layers (``nn.Linear``, ``Conv1D``, ``AdapterLinear``) that ``target_modules`` selects.
+
+    Raises ValueError when it selects none.
+    """
+    targets = _check_targets(target_modules)
+    linears = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))]
+    if targets is None:
+        heads = _output_head_names(model)
+        names = [n for n in linears if n not in heads]
+    else:
+        names = [n for n in linears if name_matches(n, targets)]
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear/Conv1D module of "
+                         f"{type(model).__name__}; linear layers are e.g. {linears[:6]}")
+    return names
+
+
+def patch(model: nn.Module, target_modules: TargetModules = None) -> nn.Module:
+    """Replace, in place, the selected ``nn.Linear``/``Conv1D`` modules with ``AdapterLinear``.
+
+    Semantics: outputs are unchanged (no adapter is added); each replacement shares the
+    original weight and bias Parameters, keeps their ``requires_grad`` and training mode, and
+    every state dict key. ``Conv1D`` becomes :class:`Conv1DAdapter` (its weight stays
+    ``[in, out]``). Modules that already are ``AdapterLinear`` are left alone (idempotent).
+
+    Returns ``model``. Raises ValueError if ``target_modules`` matches nothing.
+    """
+    for name in target_module_names(model, target_modules):
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLinear):
+            continue
+        if isinstance(module, Conv1D):
+            new = Conv1DAdapter.from_conv1d(module)
+        else:
+            new = AdapterLinear.from_linear(module, freeze=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def adapter_modules(model: nn.Module, name: Optional[str] = None) -> dict[str, AdapterLinear]:
+    """The model's ``AdapterLinear`` modules by name; only those holding adapter ``name`` unless None."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, AdapterLinear) and (name is None or name in m.adapters)}
+
+
+def _require_adapter(model: nn.Module, name: str) -> dict[str, AdapterLinear]:
+    modules = adapter_modules(model, name)
+    if not modules:
+        have = sorted({a for m in adapter_modules(model).values() for a in m.adapters})
+        raise ValueError(f"no adapter named {name!r} in the model; it has {have}")
+    return modules
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Semantics: requires_grad = True for every adapter parameter, False for every other one."""
+    adapter_ids = {id(p) for m in adapter_modules(model).values() for p in m.adapters.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_ids)
+
+
+def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
+             target_modules: TargetModules = None, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Patch the selected linear layers as needed and add LoRA adapter ``name`` to each; make it active.
+
+    Semantics: each selected layer computes y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ with
+    A [r, in] Kaiming-uniform, B [out, r] zeros, scale = alpha/r (alpha/√r with rsLoRA;
+    alpha None: alpha = r). Afterwards only adapter parameters require grad (the whole base
+    model is frozen, as PEFT does). Returns ``model``; raises before changing anything if
+    ``name`` is taken on a selected layer or the arguments are invalid.
+    """
+    names = target_module_names(model, target_modules)
+    _check_new_adapter(model, names, name)
+    LoraAdapter(1, 1, r, alpha, dropout, use_rslora)  # validates the arguments before anything changes
+    patch(model, names)
+    for n in names:
+        model.get_submodule(n).add_lora(name, r, alpha, dropout, use_rslora)
+    freeze_base(model)
+    return model
+
+
+def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: TargetModules,
+                   activation: str = "relu", placement: str = "sequential", scale: float = 1.0) -> nn.Module:
+    """Patch the selected linear layers as needed and add bottleneck adapter ``name`` to each; make it active.
+
+    Semantics: sequential: y = h + scale·(f(h·Dᵀ + d)·Uᵀ + u) with h = x·Wᵀ + b; parallel:
+    y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u). Shapes per layer: D [size, out] (sequential)
+    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). Afterwards only
+    adapter parameters require grad. Returns ``model``.
+    """
+    names = target_module_names(model, target_modules)
+    _check_new_adapter(model, names, name)
+    BottleneckAdapter(1, 1, size, activation, placement, scale)  # validates the arguments
+    patch(model, names)
+    for n in names:
+        model.get_submodule(n).add_bottleneck(name, size, activation, placement, scale)
+    freeze_base(model)
+    return model
+
+
+def _check_new_adapter(model: nn.Module, names: list[str], name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    for n in names:
+        module = model.get_submodule(n)
+        if isinstance(module, AdapterLinear) and name in module.adapters:
+            raise ValueError(f"an adapter named {name!r} already exists on {n!r}")
+
+
+def set_adapter(model: nn.Module, name: Optional[str]) -> None:
+    """Make adapter ``name`` active on every layer that has it, base-only on every other layer;
+    None: base only everywhere. Raises ValueError if no layer has ``name``."""
+    holders = _require_adapter(model, name) if name is not None else {}
+    for n, m in adapter_modules(model).items():
+        m.set_adapter(name if n in holders else None)
+
+
+def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
+    """The Parameters of adapter ``name`` across the model (of every adapter when None), for an optimizer.
+
+    Raises ValueError if ``name`` is given and no layer has it.
+    """
+    modules = _require_adapter(model, name) if name is not None else adapter_modules(model)
+    if name is None:
+        return [p for m in modules.values() for p in m.adapters.parameters()]
+    return [p for m in modules.values() for p in m.adapters[name].parameters()]
