@@ -16,7 +16,6 @@ new mapping.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +34,8 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CUDA_MAX_SLOTS = 10239  # align_cuda.cu: kMaxBins - 1 (one shared-memory histogram of S + 1 bins)
+_NATIVE: frozenset[str] | None = None  # device types of the loaded native op; None = not tried
 _NATIVE_ERROR: str | None = None  # why the native op is unavailable (for tests and `info`)
 
 
@@ -173,42 +174,59 @@ def align_rows_reference(
 # Native op: built on first use, never at import.
 
 
-@functools.lru_cache(maxsize=None)
 def _native() -> frozenset[str]:
-    """Build/load ``adaptkern_native`` once; return the device types it implements."""
+    """Device types that ``torch.ops.adaptkern_native`` serves; builds/loads it on first call.
+
+    Loaded at most once per process: torch renames a rebuilt extension whose sources
+    changed (``adaptkern_native_v1``), and a second library defining the same
+    ``TORCH_LIBRARY`` namespace aborts the process.
+    """
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _load_native()
+    return _NATIVE
+
+
+def _load_native() -> frozenset[str]:
     global _NATIVE_ERROR
     if os.environ.get("ADAPTKERN_NO_NATIVE", "") not in ("", "0"):
         _NATIVE_ERROR = "disabled by ADAPTKERN_NO_NATIVE"
         return frozenset()
-    sources = [_CSRC / "align.cpp"]
-    if not sources[0].is_file():
-        _NATIVE_ERROR = f"{sources[0]} not found (adaptkern installed without csrc/)"
+    cpp, cu = _CSRC / "align.cpp", _CSRC / "align_cuda.cu"
+    if not cpp.is_file():
+        _NATIVE_ERROR = f"{cpp} not found (adaptkern installed without csrc/)"
         return frozenset()
-    try:
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension
 
-        devices = {"cpu"}
-        if torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME:
-            sources.append(_CSRC / "align_cuda.cu")
-            devices.add("cuda")
-        cpp_extension.load(
-            name="adaptkern_native",
-            sources=[str(s) for s in sources],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            is_python_module=False,
-            verbose=os.environ.get("ADAPTKERN_NATIVE_VERBOSE", "") not in ("", "0"),
-        )
-        torch.ops.adaptkern_native.align_rows_  # noqa: B018 (fails if registration did not happen)
-        return frozenset(devices)
-    except Exception as e:  # any build or load failure: fall back to the reference
-        _NATIVE_ERROR = f"{type(e).__name__}: {e}"
+    attempts = [({"cpu"}, [cpp])]
+    if torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME and cu.is_file():
+        attempts.insert(0, ({"cpu", "cuda"}, [cpp, cu]))  # if nvcc fails, still try CPU only
+    errors = []
+    for devices, sources in attempts:
+        try:  # a failed build loads nothing, so trying again is safe
+            cpp_extension.load(
+                name="adaptkern_native",
+                sources=[str(s) for s in sources],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3"],
+                is_python_module=False,
+                verbose=os.environ.get("ADAPTKERN_NATIVE_VERBOSE", "") not in ("", "0"),
+            )
+            torch.ops.adaptkern_native.align_rows_  # noqa: B018 (raises if nothing registered)
+            break
+        except Exception as e:  # any build or load failure: fall back
+            errors.append(f"{'+'.join(sorted(devices))}: {type(e).__name__}: {e}")
+    else:
+        devices = set()
+    if errors:
+        _NATIVE_ERROR = "; ".join(errors)
         warnings.warn(
-            f"adaptkern: native alignment op unavailable, using the PyTorch reference ({_NATIVE_ERROR})",
+            f"adaptkern: native alignment op unavailable for {sorted(attempts[0][0] - devices)},"
+            f" using the PyTorch reference there ({_NATIVE_ERROR})",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return frozenset()
+    return frozenset(devices)
 
 
 def native_available(device: torch.device | str = "cpu") -> bool:
@@ -226,16 +244,25 @@ def native_available(device: torch.device | str = "cpu") -> bool:
 
 
 @torch.library.custom_op(
-    "adaptkern::align_rows_", mutates_args=("sorted_rows", "block_slots", "num_blocks"), device_types=("cpu", "cuda")
+    "adaptkern::align_rows_",
+    mutates_args=("sorted_rows", "block_slots", "num_blocks"),
+    device_types=("cpu", "cuda"),
 )
 def _align_rows_op(
-    adapter_ids: Tensor, num_slots: int, block_m: int, sorted_rows: Tensor, block_slots: Tensor, num_blocks: Tensor
+    adapter_ids: Tensor,  # [M] int32/int64
+    num_slots: int,
+    block_m: int,
+    sorted_rows: Tensor,  # [max_blocks * block_m] int32, written
+    block_slots: Tensor,  # [max_blocks] int32, written
+    num_blocks: Tensor,  # [1] int32, written
 ) -> None:
     """``adaptkern::align_rows_``: native kernel for the device when built, else the reference."""
-    if native_available(adapter_ids.device):
-        torch.ops.adaptkern_native.align_rows_(adapter_ids, num_slots, block_m, sorted_rows, block_slots, num_blocks)
+    dev = adapter_ids.device
+    if native_available(dev) and (dev.type != "cuda" or num_slots <= _CUDA_MAX_SLOTS):
+        op = torch.ops.adaptkern_native.align_rows_
     else:
-        _align_rows_reference_(adapter_ids, num_slots, block_m, sorted_rows, block_slots, num_blocks)
+        op = _align_rows_reference_
+    op(adapter_ids, num_slots, block_m, sorted_rows, block_slots, num_blocks)
 
 
 @_align_rows_op.register_fake
@@ -251,7 +278,8 @@ def align_rows(
     Semantics: as :func:`align_rows_reference`, except that on CUDA the order of rows
     within a bin is unspecified (atomic scatter); bins, padding, ``block_slots`` and
     ``num_blocks`` are exact. Ids are not validated here (out-of-range ids act as -1).
-    No host sync; with ``out`` it is CUDA-graph capturable.
+    Runs the native kernel for the device when built (CUDA: ``num_slots <= 10239``), else
+    the reference. No host sync; with ``out`` it is CUDA-graph capturable.
     Shape: ``adapter_ids [M]`` int32/int64, values in ``[-1, num_slots)`` ->
     :class:`AlignedRows` with ``max_blocks = max_aligned_blocks(M or max_tokens, num_slots,
     block_m)``: ``sorted_rows [max_blocks * block_m]``, ``block_slots [max_blocks]``,
