@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from .functional import _check_placement, bottleneck_linear, lora_linear
 from .ops import reference
+from .ops.mixed_adapter_linear import mixed_adapter_linear_op
+from .ops.triton_kernels import ACT_CODES
 
 
 class LoraAdapter(nn.Module):
@@ -79,8 +81,8 @@ class BottleneckAdapter(nn.Module):
 class _FoldCache:
     """A sequential adapter's folded (A = D·W, a = D·b + d), reused while no input changed.
 
-    Keyed by identity and ``_version`` of D, d, W, b: an in-place update (optimizer step,
-    ``load_state_dict``, merge) bumps the version and the next call refolds.
+    Keyed by storage address, shape and ``_version`` of D, d, W, b: an in-place update
+    (optimizer step, ``load_state_dict``, merge) bumps the version and the next call refolds.
     """
 
     def __init__(self):
@@ -88,7 +90,8 @@ class _FoldCache:
         self.value = None
 
     def get(self, weight, bias, down_weight, down_bias):
-        key = tuple((id(t), t._version) if t is not None else None for t in (weight, bias, down_weight, down_bias))
+        key = tuple((t.data_ptr(), t.shape, t._version) if t is not None else None
+                    for t in (weight, bias, down_weight, down_bias))
         if key != self.key:
             with torch.no_grad():
                 self.value = reference.fold_sequential(weight, bias, down_weight, down_bias)
@@ -117,6 +120,7 @@ class AdapterLinear(nn.Linear):
         self._active: Optional[str] = None
         self._merged: Optional[str] = None
         self._fold_caches: dict[str, _FoldCache] = {}
+        self._batch_ids: Optional[Tensor] = None  # set by adaptkern.adapter_batch
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, freeze: bool = True) -> "AdapterLinear":
@@ -227,7 +231,17 @@ class AdapterLinear(nn.Linear):
             return None
         return self._fold_caches.setdefault(name, _FoldCache()).get(*tensors)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter_ids: Optional[Tensor] = None) -> Tensor:
+        """Semantics: y = x·Wᵀ + b + the active adapter's term; with ``adapter_ids``, row i uses
+        adapter number ``adapter_ids[i]`` (in ``self.adapters`` order; -1: base only).
+
+        Shapes: x [..., in_features]; adapter_ids [rows] or, for x [B, T, in], [B] (one per
+        sequence) -> y [..., out_features].
+        """
+        if adapter_ids is None:
+            adapter_ids = self._batch_ids
+        if adapter_ids is not None:
+            return self._mixed_forward(x, adapter_ids)
         name = self._active
         if name is None or name == self._merged:
             return nn.functional.linear(x, self.weight, self.bias)
@@ -239,6 +253,57 @@ class AdapterLinear(nn.Linear):
         return bottleneck_linear(x, self.weight, self.bias, adapter.down_weight, adapter.down_bias,
                                  adapter.up_weight, adapter.up_bias, scale=adapter.scale,
                                  activation=adapter.activation, placement=adapter.placement, folded=folded)
+
+    def _slot_tensors(self, name: str, adapter, r_max: int):
+        """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one pool slot, differentiable."""
+        n = self.out_features
+        if adapter.kind == "lora":
+            a_w, a_b, b_w, b_b, act = adapter.lora_A, None, adapter.lora_B, None, "identity"
+        else:
+            b_w, b_b, act = adapter.up_weight, adapter.up_bias, adapter.activation
+            if adapter.placement == "parallel":
+                a_w, a_b = adapter.down_weight, adapter.down_bias
+            else:
+                a_w, a_b = self._folded(name, adapter) or reference.fold_sequential(
+                    self.weight, self.bias, adapter.down_weight, adapter.down_bias)
+        r = a_w.shape[0]
+        pad = r_max - r
+        zeros = a_w.new_zeros
+        return (nn.functional.pad(a_w, (0, 0, 0, pad)), nn.functional.pad(a_b if a_b is not None else zeros(r), (0, pad)),
+                nn.functional.pad(b_w, (0, pad)), b_b if b_b is not None else zeros(n), adapter.scale,
+                ACT_CODES[act], r)
+
+    def _mixed_forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
+        from .mixed import check_adapter_ids
+
+        if self._merged is not None:
+            raise ValueError(f"adapter {self._merged!r} is merged into the weight; unmerge() before mixed batches")
+        if self.training and any(getattr(a, "dropout", 0.0) > 0 for a in self.adapters.values()):
+            raise NotImplementedError("LoRA dropout is not implemented for mixed-adapter batches; set dropout=0 or "
+                                      "call eval()")
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        ids = adapter_ids
+        if isinstance(ids, Tensor) and x.dim() >= 3 and ids.dim() == 1 and ids.numel() == x.shape[0] != rows:
+            ids = ids.repeat_interleave(rows // x.shape[0])  # one id per sequence -> one per token
+        if not self.adapters:
+            raise ValueError("adapter_ids given, but this layer has no adapters")
+        ids = check_adapter_ids(ids, rows, len(self.adapters))
+        names = list(self.adapters)
+        r_max = max(a.r if a.kind == "lora" else a.down_weight.shape[0] for a in self.adapters.values())
+        slots = [self._slot_tensors(nm, self.adapters[nm], r_max) for nm in names]
+        a_all, a_bias, b_all, b_bias = (torch.stack([s[i] for s in slots]) for i in range(4))
+        device = x.device
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scales = torch.tensor([s[4] for s in slots], dtype=acc, device=device)
+        acts = torch.tensor([s[5] for s in slots], dtype=torch.int32, device=device)
+        ranks = torch.tensor([s[6] for s in slots], dtype=torch.int32, device=device)
+        lora_only = all(a.kind == "lora" for a in self.adapters.values())
+        params = [self.weight, self.bias, a_all, None if lora_only else a_bias, b_all, None if lora_only else b_bias]
+        params = [None if t is None else t.to(x.dtype) for t in params]
+        need_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+        x2 = x.reshape(rows, self.in_features)
+        y, _ = mixed_adapter_linear_op(x2, *params, scales, ranks, None if lora_only else acts, ids, need_z)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={list(self.adapters)}, active={self._active!r}"

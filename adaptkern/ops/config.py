@@ -100,3 +100,38 @@ def split_k(tiles: int, k: int, block_k: int, device) -> int:
         return 1
     sms = 8 if device.type != "cuda" else _num_sms(device.index or 0)
     return max(1, min(16, sms // max(tiles, 1), k // (2 * block_k)))
+
+
+class MixedPlan(NamedTuple):
+    sort_rows: bool
+    split: int
+    block_m: int
+    block_n: int
+    block_k: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+
+MIXED_SORT_MIN_M = 64
+
+
+def mixed_plan(m: int, k: int, max_rank: int) -> MixedPlan:
+    """Launch plan of the mixed-adapter kernels.
+
+    * Rows are sorted by slot (counting sort, the alignment op with block_m=1) above
+      MIXED_SORT_MIN_M rows, so that a block meets few distinct slots. Rows are *not*
+      padded to one slot per block as DESIGN §3 proposed: padding costs (S+1)·(BLOCK_M-1)
+      extra rows of base GEMM, +200 % at M=8192, S=128, BLOCK_M=128, where a block of
+      sorted rows meets about BLOCK_M·S/M + 1 = 3 slots, each one extra rank-R dot.
+    * At decode sizes the shrink's K loop is split across programs (partials summed in a
+      fixed order by the consumer: deterministic, batch invariant), for parallelism.
+    """
+    interpret = interpreting()
+    sort_rows = m > MIXED_SORT_MIN_M
+    br = min(block_r(max_rank), 64)
+    if interpret:
+        return MixedPlan(sort_rows, 2 if k >= 64 and not sort_rows else 1, 32, 64, 32, br, 4, 1)
+    split = 1 if sort_rows else max(1, min(8, k // 512))
+    bm = 16 if m <= 16 else (64 if m <= 256 else 128)
+    return MixedPlan(sort_rows, split, bm, 128, 64, br, 4 if bm <= 64 else 8, 3)

@@ -190,3 +190,35 @@ def adapter_linear_backward(dy, x, weight, a_w, b_w, z, scale, act, keep, dropou
         scale * dy32.t() @ activation(z, act) if need_bw else None,
         scale * dy32.sum(0) if need_bb else None,
     )
+
+
+ACT_BY_CODE = ACTIVATIONS  # activation code i (as the kernels and AdapterPool store it) is ACTIVATIONS[i]
+
+
+def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids):
+    """Semantics: row i with s = ids[i] ≥ 0 gets
+    y_i = x_i·Wᵀ + b + scales[s]·(f_s(x_i·A_s[:r_s]ᵀ + a_s[:r_s])·B_s[:, :r_s]ᵀ + c_s); ids[i] = -1: base only.
+
+    Shapes: x [M, K], weight [N, K], bias [N] | None, a_all [S, R, K], a_bias [S, R] | None,
+    b_all [S, N, R], b_bias [S, N] | None, scales [S], ranks [S] int | None (None: R),
+    acts [S] int activation codes | None (identity), ids [M] int. Computed in the inputs'
+    precision, one slot at a time (differentiable: the float64 oracle and the CPU path).
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    rows_out = []
+    for s in sorted(set(ids.tolist()) - {-1}):
+        rows = (ids == s).nonzero().squeeze(1)
+        r = a_all.shape[1] if ranks is None else int(ranks[s])
+        z = x[rows] @ a_all[s, :r].t()
+        if a_bias is not None:
+            z = z + a_bias[s, :r]
+        act = "identity" if acts is None else ACT_BY_CODE[int(acts[s])]
+        branch = activation(z, act) @ b_all[s, :, :r].t()
+        if b_bias is not None:
+            branch = branch + b_bias[s]
+        rows_out.append((rows, scales[s].to(y.dtype) * branch))
+    for rows, delta in rows_out:
+        y = y.index_add(0, rows, delta)
+    return y

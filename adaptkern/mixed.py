@@ -1,0 +1,166 @@
+"""Mixed-adapter batches: every row of a batch may use a different adapter, or none.
+
+The raw-tensor op serving stacks call (``mixed_lora_linear``), the pool-driven op
+(``mixed_adapter_linear``) and ``adapter_batch``, which gives each sequence of a model
+call its own adapter by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import _check_devices, _check_tensor, _check_x
+from .ops.mixed_adapter_linear import mixed_adapter_linear_op
+from .pool import AdapterPool
+
+
+def _ids_checking_enabled(validate: bool) -> bool:
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True) -> Tensor:
+    """Validate ``adapter_ids`` [M] (int32/int64, values in [-1, num_slots)) and return it flat.
+
+    The value check reads the ids on the host (a sync): it runs in eager mode only, and is
+    skipped under torch.compile, during CUDA graph capture, or with ``validate=False``.
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
+    if ids.numel() != m or (ids.dim() != 1 and m > 0):
+        raise ValueError(f"adapter_ids must have shape ({m},) (one id per row of x), got {tuple(ids.shape)}")
+    ids = ids.reshape(m)
+    if _ids_checking_enabled(validate) and m > 0:
+        bad = (ids < -1) | (ids >= num_slots)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"adapter_ids[{row}] = {int(ids[row])} is out of range: valid ids are -1 (base only) "
+                             f"and 0..{num_slots - 1} ({num_slots} slots)")
+    return ids
+
+
+def _need_z(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flatten_rows(x: Tensor, k: int) -> tuple[Tensor, tuple]:
+    return x.reshape(-1, k), x.shape[:-1]
+
+
+def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, validate_ids=True):
+    """LoRA linear where every row picks its adapter.
+
+    Semantics: y_i = x_i·Wᵀ + b + scales[s]·(x_i·A_s[:r_s]ᵀ)·B_s[:, :r_s]ᵀ with s = adapter_ids[i];
+    adapter_ids[i] = -1 gives exactly the base result.
+
+    Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
+    lora_a [S, R_max, K], lora_b [S, N, R_max], adapter_ids [M] int32/int64 in [-1, S),
+    scales [S] float tensor, ranks [S] int tensor in [0, R_max] (None: R_max for every
+    slot) -> y [M, N] in x's dtype. Differentiable in x, lora_a, lora_b (and W, b when they
+    require grad): each slot gets exactly the gradient of the rows that used it.
+    """
+    n, k = _check_x(x, weight)
+    _check_tensor("bias", bias, 1, optional=True)
+    _check_tensor("lora_a", lora_a, 3)
+    _check_tensor("lora_b", lora_b, 3)
+    s, r = lora_a.shape[:2]
+    if lora_a.shape[2] != k:
+        raise ValueError(f"lora_a must be [S, R_max, K] with K={k}: lora_a {tuple(lora_a.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if tuple(lora_b.shape) != (s, n, r):
+        raise ValueError(f"lora_b must be [S, N, R_max] = {(s, n, r)} to match lora_a {tuple(lora_a.shape)} and "
+                         f"weight {tuple(weight.shape)}, got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    scales = _check_slot_vector("scales", scales, s, floating=True)
+    ranks = _check_slot_vector("ranks", ranks, s, floating=False)
+    _check_devices(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids,
+                        scales=scales, ranks=ranks))
+    if ranks is not None and _ids_checking_enabled(validate_ids) and bool(((ranks < 0) | (ranks > r)).any()):
+        raise ValueError(f"ranks must lie in [0, {r}] (R_max of lora_a {tuple(lora_a.shape)}), got {ranks.tolist()}")
+    x2, lead = _flatten_rows(x, k)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], s, validate_ids)
+    params = [None if t is None else t.to(x.dtype) for t in (weight, bias, lora_a, lora_b)]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y, _ = mixed_adapter_linear_op(x2, params[0], params[1], params[2], None, params[3], None, scales.to(acc),
+                                   None if ranks is None else ranks.to(torch.int32), None, ids,
+                                   _need_z(x, *params))
+    return y.reshape(*lead, n)
+
+
+def _check_slot_vector(name, t, num_slots, floating):
+    if t is None:
+        if floating:
+            raise TypeError(f"{name} must be a [S] tensor, got None")
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({num_slots},), got {type(t).__name__}")
+    if floating != t.is_floating_point() or t.dtype == torch.bool:
+        kind = "floating" if floating else "integer"
+        raise TypeError(f"{name} must be a {kind} tensor, got {t.dtype}")
+    if tuple(t.shape) != (num_slots,):
+        raise ValueError(f"{name} must have shape ({num_slots},) (one per slot), got {tuple(t.shape)}")
+    return t
+
+
+def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, validate_ids=True):
+    """Linear layer plus, per row, the adapter in the pool slot that row names.
+
+    Semantics: y_i = x_i·Wᵀ + b + scale_s·(f_s(x_i·A_sᵀ + a_s)·B_sᵀ + c_s), s = adapter_ids[i]
+    (-1: base only), with (A, a, B, c, f, scale) as the pool stores slot s: LoRA, parallel
+    bottleneck, or a sequential bottleneck folded through the base (DESIGN §1).
+
+    Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
+    adapter_ids [M] int in [-1, pool.num_slots) -> y [M, N] in x's dtype.
+    """
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    n, k = _check_x(x, weight)
+    if (pool.out_features, pool.in_features) != (n, k):
+        raise ValueError(f"pool is for [{pool.out_features}, {pool.in_features}] layers, weight is {tuple(weight.shape)}")
+    _check_tensor("bias", bias, 1, optional=True)
+    _check_devices(dict(x=x, weight=weight, bias=bias, adapter_ids=adapter_ids, pool=pool.lora_a))
+    x2, lead = _flatten_rows(x, k)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate_ids)
+    tensors = pool.kernel_tensors(x.dtype)
+    y, _ = mixed_adapter_linear_op(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), *tensors, ids,
+                                   _need_z(x, weight, bias))
+    return y.reshape(*lead, n)
+
+
+@contextlib.contextmanager
+def adapter_batch(module: torch.nn.Module, names: Sequence[Optional[str]]):
+    """Within the block, row b of every batch (sequence b of a [B, T, K] input) uses adapter
+    ``names[b]`` (None: base only) in every AdapterLinear of ``module``.
+
+    A layer that does not hold a named adapter runs its base for those rows, as PEFT does
+    for modules an adapter does not target. Works for ``model(...)`` and ``model.generate``.
+    """
+    from .nn import AdapterLinear
+
+    layers = [m for m in module.modules() if isinstance(m, AdapterLinear)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} holds no AdapterLinear layers")
+    if isinstance(names, str) or not all(n is None or isinstance(n, str) for n in names):
+        raise TypeError(f"names must be a sequence of adapter names or None, got {names!r}")
+    known = set().union(*(m.adapters.keys() for m in layers))
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; the model has {sorted(known)}")
+    previous = [m._batch_ids for m in layers]
+    for m in layers:
+        index = {name: i for i, name in enumerate(m.adapters)}
+        m._batch_ids = torch.tensor([index.get(n, -1) if n is not None else -1 for n in names], dtype=torch.int32,
+                                    device=m.weight.device)
+    try:
+        yield module
+    finally:
+        for m, ids in zip(layers, previous):
+            m._batch_ids = ids

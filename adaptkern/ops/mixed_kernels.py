@@ -1,0 +1,216 @@
+"""Triton kernels for batches in which every row may use a different adapter (DESIGN §3).
+
+Row i with slot s = ids[i] (``-1``: base only) computes::
+
+    z_i = x_i·A_s[:r_s]ᵀ + a_s,   y_i = x_i·Wᵀ + b + scale_s·(f_s(z_i)·B_s[:, :r_s]ᵀ + c_s)
+
+Three kernels, each iterating, inside a block of rows, over the slots present in that block
+(``_next_slot``), so that every adapter product is a tensor-core ``tl.dot`` on the rows
+that use that slot and rows of other slots receive an exact zero:
+
+* ``_mixed_shrink_kernel``: ``P[split] = x·A_sᵀ`` over one K range per split (partials are
+  reduced in a fixed order by the consumer: no atomics, so results are bitwise
+  reproducible and batch invariant).
+* ``_mixed_linear_kernel``: ``y = x·Wᵀ + b`` on a row block, then per present slot
+  ``z = ΣP + a_s`` → ``f_s`` → ``·B_sᵀ`` in the epilogue; y is written once.
+* ``_segment_gemm_kernel``: per-slot reductions over that slot's rows for backward
+  (``dA_s = Σ dZᵀ·x``, ``dB_s = scale_s·Σ dYᵀ·f(z)``).
+
+Rows are read through an optional permutation (rows sorted by slot, from the alignment
+op) so that a block holds few distinct slots at large M; at decode sizes rows stay in order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _act
+
+NO_SLOT = 1 << 30
+
+
+@triton.jit
+def _next_slot(slots, after):
+    """Smallest slot in ``slots`` greater than ``after`` (NO_SLOT if none)."""
+    return tl.min(tl.where(slots > after, slots, 1 << 30), axis=0)
+
+
+@triton.jit
+def _act_by_code(z, code):
+    """f(z) for a run-time activation code (one per slot in a mixed pool)."""
+    out = z
+    out = tl.where(code == 1, _act(z, 1), out)
+    out = tl.where(code == 2, _act(z, 2), out)
+    out = tl.where(code == 3, _act(z, 3), out)
+    out = tl.where(code == 4, _act(z, 4), out)
+    return out
+
+
+@triton.jit
+def _block_rows(perm_ptr, ids_ptr, M, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
+    """Rows of this program's block (through the permutation when SORTED) and their slots."""
+    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = j < M
+    rows = j
+    if SORTED:
+        rows = tl.load(perm_ptr + j, mask=ok, other=0)
+    slots = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
+    return rows, ok, slots
+
+
+@triton.jit
+def _mixed_shrink_kernel(
+    p_ptr,  # [SPLIT, M, R] out (fp32): x·A_sᵀ over this split's K range
+    x_ptr,  # [M, K]
+    a_ptr,  # [S, R, K]
+    ids_ptr,  # [M] int32/int64, -1 = base only
+    perm_ptr,  # [M] int32 rows sorted by slot (SORTED)
+    ranks_ptr,  # [S] int32 (HAS_RANKS)
+    M, K, R, k_per_split,
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak,
+    SORTED: tl.constexpr, HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows, ok, slots = _block_rows(perm_ptr, ids_ptr, M, BLOCK_M, SORTED)
+    split = tl.program_id(1)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    out = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    s = _next_slot(slots, -1)
+    while s < NO_SLOT:
+        rank = R
+        if HAS_RANKS:
+            rank = tl.load(ranks_ptr + s)
+        r_ok = rr < rank
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < k_hi
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptr + s.to(tl.int64) * stride_as + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        out = tl.where((slots == s)[:, None], acc, out)
+        s = _next_slot(slots, s)
+    tl.store(p_ptr + split * M * R + rows[:, None] * R + rr[None, :], out, mask=ok[:, None] & (rr < R)[None, :])
+
+
+@triton.jit
+def _mixed_linear_kernel(
+    y_ptr,  # [M, N] out
+    z_ptr,  # [M, R] out (STORE_Z; arrives zero-filled): z = ΣP + a_s for rows with a slot
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    bias_ptr,  # [N]
+    p_ptr,  # [SPLIT, M, R] fp32 partials of x·A_sᵀ (or dZ itself, SPLIT=1, in backward)
+    ab_ptr,  # [S, R]
+    b_ptr,  # [S, N, R]
+    bb_ptr,  # [S, N]
+    scales_ptr,  # [S] fp32
+    ranks_ptr,  # [S] int32
+    acts_ptr,  # [S] int32 activation codes
+    ids_ptr,  # [M]
+    perm_ptr,  # [M] int32 (SORTED)
+    M, N, K, R, SPLIT,
+    stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_abs, stride_abr, stride_bs, stride_bn, stride_br, stride_bbs, stride_bbn,
+    SORTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_ACTS: tl.constexpr, STORE_Z: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows, ok, slots = _block_rows(perm_ptr, ids_ptr, M, BLOCK_M, SORTED)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+
+    s = _next_slot(slots, -1)
+    while s < NO_SLOT:
+        s64 = s.to(tl.int64)
+        rank = R
+        if HAS_RANKS:
+            rank = tl.load(ranks_ptr + s)
+        sel = ok & (slots == s)
+        scale = 1.0
+        if HAS_SCALES:
+            scale = tl.load(scales_ptr + s)
+        for r0 in range(0, rank, BLOCK_R):  # a slot's real rank bounds its rank loop
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < rank
+            zmask = sel[:, None] & r_ok[None, :]
+            z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+            for sp in range(0, SPLIT):
+                z += tl.load(p_ptr + sp * M * R + rows[:, None] * R + rr[None, :], mask=zmask, other=0.0)
+            if HAS_AB:
+                ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
+                z = tl.where(zmask, z + ab[None, :], 0.0)
+            if STORE_Z:
+                if pid_n == 0:
+                    tl.store(z_ptr + rows[:, None] * R + rr[None, :], z, mask=zmask)
+            if HAS_ACTS:
+                z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
+            bt = tl.load(b_ptr + s64 * stride_bs + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                         mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+            acc = tl.dot((z * scale).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if HAS_BB:
+            bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
+            acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)
+        s = _next_slot(slots, s)
+
+    tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _segment_gemm_kernel(
+    out_ptr,  # [S, P_COLS, Q_COLS] out (fp32): out[s] = alpha_s · Σ_{rows of s} P[row]ᵀ ⊗ Q[row]
+    p_ptr,  # [M, P_COLS]
+    q_ptr,  # [M, Q_COLS]
+    perm_ptr,  # [M] int32 rows sorted by slot
+    offsets_ptr,  # [S + 1] int32: slot s owns sorted positions [offsets[s], offsets[s+1])
+    scales_ptr,  # [S] fp32 (HAS_SCALES)
+    P_COLS, Q_COLS,
+    stride_pm, stride_pc, stride_qm, stride_qc,
+    HAS_SCALES: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    s = tl.program_id(0)
+    ri = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rj = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_K)
+    i_ok = ri < P_COLS
+    j_ok = rj < Q_COLS
+    lo = tl.load(offsets_ptr + s)
+    hi = tl.load(offsets_ptr + s + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for t0 in range(lo, hi, BLOCK_K):
+        t_ok = (t0 + rt) < hi
+        rows = tl.load(perm_ptr + t0 + rt, mask=t_ok, other=0)
+        pt = tl.load(p_ptr + rows[None, :] * stride_pm + ri[:, None] * stride_pc,
+                     mask=i_ok[:, None] & t_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + rj[None, :] * stride_qc,
+                    mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_SCALES:
+        acc = acc * tl.load(scales_ptr + s)
+    tl.store(out_ptr + s.to(tl.int64) * P_COLS * Q_COLS + ri[:, None] * Q_COLS + rj[None, :], acc,
+             mask=i_ok[:, None] & j_ok[None, :])

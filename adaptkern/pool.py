@@ -1,0 +1,154 @@
+"""``AdapterPool``: stacked adapter slots for one layer shape, driven by serving stacks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .functional import _check_placement
+from .ops import reference
+from .ops.triton_kernels import ACT_CODES
+
+
+class AdapterPool:
+    """Fixed-size storage of ``num_slots`` adapters for [out_features, in_features] layers.
+
+    Each slot holds (A [R_max, K], a [R_max], B [N, R_max], c [N], scale, rank, activation):
+    a LoRA adapter (a = c = 0, identity), a parallel bottleneck (A = D), or a sequential
+    bottleneck with its down-projection folded through the base (A = D·W, a = D·b + d).
+    Slots of different kinds and ranks mix freely in one batch; a slot's real rank bounds
+    the kernels' rank loop. Tensors keep fixed addresses across load/evict, so a captured
+    CUDA graph sees new adapters without re-capture.
+
+    Shapes: lora_a [S, R_max, K], lora_b [S, N, R_max], a_bias [S, R_max], b_bias [S, N],
+    scales [S] fp32, ranks [S] int32, acts [S] int32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int, *, dtype=None,
+                 device=None):
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("num_slots", num_slots),
+                        ("max_rank", max_rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.num_slots, self.max_rank = num_slots, max_rank
+        f = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+        self.lora_a = torch.zeros(num_slots, max_rank, in_features, **f)
+        self.lora_b = torch.zeros(num_slots, out_features, max_rank, **f)
+        self.a_bias = torch.zeros(num_slots, max_rank, **f)
+        self.b_bias = torch.zeros(num_slots, out_features, **f)
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.acts = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.kinds: list = [None] * num_slots  # host-side: None, "lora", "bottleneck_parallel", ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lora_a.device
+
+    def _slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be an int in [0, {self.num_slots}), got {slot!r}")
+        return slot
+
+    def _check(self, name: str, t, shape: tuple) -> Tensor:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+        return t.detach().to(device=self.device)
+
+    def _rank(self, r: int, what: str) -> int:
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"{what} rank {r} is outside [1, max_rank={self.max_rank}]")
+        return r
+
+    @torch.no_grad()
+    def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act):
+        r = a_w.shape[0]
+        self.evict(slot)
+        self.lora_a[slot, :r].copy_(a_w)
+        self.lora_b[slot, :, :r].copy_(b_w)
+        if a_b is not None:
+            self.a_bias[slot, :r].copy_(a_b)
+        if b_b is not None:
+            self.b_bias[slot].copy_(b_b)
+        self.scales[slot] = float(scale)
+        self.ranks[slot] = r
+        self.acts[slot] = ACT_CODES[act]
+        self.kinds[slot] = kind
+
+    def load_lora(self, slot: int, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
+        """Put LoRA (lora_a [r, K], lora_b [N, r], scale) in ``slot``, replacing what was there."""
+        slot = self._slot(slot)
+        r = self._rank(lora_a.shape[0] if isinstance(lora_a, Tensor) and lora_a.dim() == 2 else 0, "lora_a")
+        a = self._check("lora_a", lora_a, (r, self.in_features))
+        b = self._check("lora_b", lora_b, (self.out_features, r))
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        self._store(slot, "lora", a, None, b, None, scale, "identity")
+
+    def load_bottleneck(self, slot: int, down_weight: Tensor, down_bias, up_weight: Tensor, up_bias, *,
+                        activation: str, placement: str, scale: float, base_weight=None, base_bias=None) -> None:
+        """Put a bottleneck adapter in ``slot``.
+
+        Semantics: parallel adds scale·(f(x·Dᵀ + d)·Uᵀ + u); sequential adds
+        scale·(f(h·Dᵀ + d)·Uᵀ + u) with h = x·Wᵀ + b, stored folded (A = D·W, a = D·b + d),
+        so it needs the layer's ``base_weight`` [N, K] (and ``base_bias`` [N]); reload the
+        slot if the base changes. Shapes: down_weight [R, N] (sequential) or [R, K]
+        (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None.
+        """
+        slot = self._slot(slot)
+        placement = _check_placement(placement)
+        act = reference.canonical_activation(activation)
+        reads = self.out_features if placement == "sequential" else self.in_features
+        r = self._rank(down_weight.shape[0] if isinstance(down_weight, Tensor) and down_weight.dim() == 2 else 0,
+                       "down_weight")
+        d = self._check("down_weight", down_weight, (r, reads))
+        db = None if down_bias is None else self._check("down_bias", down_bias, (r,))
+        u = self._check("up_weight", up_weight, (self.out_features, r))
+        ub = None if up_bias is None else self._check("up_bias", up_bias, (self.out_features,))
+        if placement == "sequential":
+            if base_weight is None:
+                raise ValueError("a sequential bottleneck needs base_weight (the layer's [N, K] weight) to fold D·W")
+            w = self._check("base_weight", base_weight, (self.out_features, self.in_features))
+            b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,))
+            d, db = reference.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
+        self._store(slot, f"bottleneck_{placement}", d, db, u, ub, scale, act)
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Empty ``slot``: rank 0, so rows that still name it get the base result."""
+        slot = self._slot(slot)
+        for t in (self.lora_a, self.lora_b, self.a_bias, self.b_bias):
+            t[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 0
+        self.acts[slot] = 0
+        self.kinds[slot] = None
+
+    def kernel_tensors(self, dtype: torch.dtype) -> tuple:
+        """(a_all, a_bias, b_all, b_bias, scales, ranks, acts) for ``adaptkern::mixed_adapter_linear``.
+
+        Bias and activation tensors are None when no bottleneck is loaded (LoRA-only pools
+        skip those loads in the kernel).
+        """
+        bottleneck = any(k is not None and k.startswith("bottleneck") for k in self.kinds)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        a_w, b_w = self.lora_a.to(dtype), self.lora_b.to(dtype)
+        if not bottleneck:
+            return a_w, None, b_w, None, self.scales.to(acc), self.ranks, None
+        return a_w, self.a_bias.to(dtype), b_w, self.b_bias.to(dtype), self.scales.to(acc), self.ranks, self.acts
+
+    def __repr__(self) -> str:
+        used = sum(k is not None for k in self.kinds)
+        return (f"AdapterPool(in={self.in_features}, out={self.out_features}, slots={used}/{self.num_slots} used, "
+                f"max_rank={self.max_rank}, dtype={self.dtype})")
