@@ -1,0 +1,413 @@
+"""Load AdapterHub (``adapters`` library) bottleneck adapters into ``AdapterLinear`` layers.
+
+Where the ``adapters`` library puts a bottleneck (``adapters.methods.bottleneck`` and
+``methods.modeling.Adapter``, v1.3), with h the output of a sub-block's last Linear
+(after BERT's hidden dropout), r the sub-block's residual input and LN the sub-block's
+LayerNorm (BERT-style, post-LN) or none (Llama-style, pre-norm)::
+
+    pre_forward:   x_ad = LN(h + r) if original_ln_before else h          (Llama: h + r)
+                   res  = h if residual_before_ln else x_ad               ("post_add": h + r)
+    forward:       out  = res + scaling·(f(x_ad·Dᵀ + d)·Uᵀ + u)
+    post_forward:  y    = LN(out + r) if original_ln_after else out       (Llama: out + r)
+
+With ``original_ln_before=False`` and ``original_ln_after=True`` this is
+``y = LN(h + s·(f(h·Dᵀ + d)·Uᵀ + u) + r)``: exactly a *sequential* adapter on the Linear
+that produces h, followed by the model's own residual and LayerNorm. That is what
+:func:`load_adapterhub` builds, on
+
+- BERT-style layers (bert, roberta, xlm-roberta, electra): ``mh_adapter`` on
+  ``attention.output.dense``, ``output_adapter`` on ``output.dense``;
+- Llama-style layers (llama, mistral): ``mh_adapter`` on ``self_attn.o_proj``,
+  ``output_adapter`` on ``mlp.down_proj``.
+
+Every other placement is refused with NotImplementedError naming the config field:
+``original_ln_before=True`` (Pfeiffer, ``seq_bn``: the adapter reads LN(h + r) or h + r, the
+residual stream, which no Linear outputs), ``original_ln_after=False``, ``is_parallel=True``
+(``par_bn``: the adapter reads the sub-block's input r, while the Linear that writes h reads
+something else), ``ln_before``/``ln_after``, ``phm_layer``, ``use_gating``, ``scaling``
+"learned"/"channel", ``inv_adapter``, ``cross_adapter``, ``dropout``/``stochastic_depth`` > 0
+(AdapterLinear has no adapter dropout) and activations without an exact kernel counterpart.
+
+Numerics: in eval mode the loaded model reproduces the ``adapters`` library's outputs (fp32,
+tests/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the two
+differ in where the dropout sits: the ``adapters`` library drops h before the adapter reads it,
+AdapterLinear's adapter is inside the Linear, so BERT's dropout applies to h + adapter(h).
+Llama-style models have no dropout there and match in training too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import AdapterLinear
+from .patching import freeze_base, patch, set_adapter
+
+CONFIG_NAME = "adapter_config.json"
+SAFE_WEIGHTS_NAME = "adapter.safetensors"
+WEIGHTS_NAME = "pytorch_adapter.bin"
+
+# model family -> (model_types, the Linear per location, the saved module per location), relative to a layer
+_FAMILIES = {
+    "bert": (("bert", "roberta", "xlm-roberta", "electra"),
+             {"mh_adapter": "attention.output.dense", "output_adapter": "output.dense"},
+             {"mh_adapter": "attention.output", "output_adapter": "output"}),
+    "llama": (("llama", "mistral"),
+              {"mh_adapter": "self_attn.o_proj", "output_adapter": "mlp.down_proj"},
+              {"mh_adapter": "attention_adapters", "output_adapter": "output_adapters"}),
+}
+
+# adapters' non_linearity (transformers ACT2FN names, lower-cased) -> adaptkern activation, same function
+_ACTIVATIONS = {
+    "relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "swish": "silu", "silu": "silu",
+    "linear": "identity",
+}
+# adapters' ACTIVATION_RENAME: configs saved without "version" (adapter-transformers v1/v2)
+_LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+# adapters' legacy_weights_mapping
+_LEGACY_KEYS = {
+    "attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+    "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
+}
+
+_TOP_LEVEL_FIELDS = {"config", "hidden_size", "model_class", "model_name", "model_type", "name", "version", "type",
+                     "label2id", "config_id"}
+_OTHER_ARCHITECTURES = ("lora", "mtl_lora", "prefix_tuning", "prompt_tuning", "reft", "union")
+
+# BnConfig fields (adapters 1.3) and what loading needs from them.
+_BN_FIELDS = {
+    "mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before", "original_ln_after",
+    "ln_before", "ln_after", "init_weights", "init_weights_seed", "is_parallel", "scaling", "use_gating",
+    "residual_before_ln", "adapter_residual_before_ln", "inv_adapter", "inv_adapter_reduction_factor",
+    "cross_adapter", "leave_out", "dropout", "phm_layer", "phm_dim", "factorized_phm_W", "shared_W_phm",
+    "shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm",
+    "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "stochastic_depth", "architecture",
+}
+_REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
+# field -> (value that works, why any other value is not an adapter on a Linear)
+_MUST_BE = {
+    "original_ln_before": (False, "the adapter reads the residual stream LayerNorm(h + residual) (BERT-style) or "
+                                  "h + residual (Llama-style), not the output of a Linear"),
+    "original_ln_after": (True, "the sub-block's residual connection and LayerNorm would be dropped"),
+    "is_parallel": (False, "the parallel adapter reads the sub-block's input (the residual stream), which is not "
+                           "the input of the Linear whose output it is added to"),
+    "ln_before": (False, "a new LayerNorm before the bottleneck"),
+    "ln_after": (False, "a new LayerNorm after the bottleneck"),
+    "phm_layer": (False, "PHM (Compacter) projections are not dense down/up matrices"),
+    "use_gating": (False, "a learned gate scales the adapter per sequence"),
+    "inv_adapter": (None, "an invertible adapter on the embeddings"),
+    "cross_adapter": (False, "cross-attention adapters (encoder-decoder models)"),
+}
+
+
+def _load_json(file: str) -> dict:
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {os.path.basename(file)} in {os.path.dirname(file)!r}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_weights(path: str) -> tuple[str, dict[str, Tensor]]:
+    """The saved state dict: adapter.safetensors if present, else pytorch_adapter.bin through weights_only."""
+    safe, legacy = os.path.join(path, SAFE_WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(safe):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(safe, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{safe}: truncated or corrupt safetensors file ({e})") from None
+        return safe, state
+    if os.path.isfile(legacy):
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError (refused or corrupt pickle), EOFError, RuntimeError (bad zip)
+            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"{legacy}: expected a dict of str -> Tensor")
+        return legacy, state
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {path!r}")
+
+
+def _bool(cfg: dict, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"adapter config field {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _real(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_bn_config(cfg: dict, legacy: bool) -> dict:
+    """Validate an adapters BnConfig dict; return what loading needs. Raises NotImplementedError
+    for configurations that are not a sequential adapter on a Linear."""
+    architecture = cfg.get("architecture")
+    if architecture is not None:
+        if architecture in _OTHER_ARCHITECTURES:
+            raise NotImplementedError(f"adapter config architecture={architecture!r}: load_adapterhub reads "
+                                      "bottleneck adapters only (architecture null)")
+        raise ValueError(f"unknown adapter config architecture {architecture!r}")
+    unknown = sorted(set(cfg) - _BN_FIELDS)
+    if unknown:
+        warnings.warn(f"AdapterHub adapter config: ignoring unknown fields {unknown}", stacklevel=3)
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"adapter config lacks required fields {missing}")
+
+    for key, (ok, why) in _MUST_BE.items():
+        value = cfg.get(key, ok)
+        if isinstance(ok, bool):
+            value = _bool(cfg, key) if key in cfg else ok
+        if value != ok:
+            raise NotImplementedError(f"adapter config {key}={value!r} is not expressible as an adapter on a "
+                                      f"Linear: {why}; load_adapterhub supports {key}={ok!r}")
+    for key in ("dropout", "stochastic_depth"):
+        value = _real(cfg.get(key, 0.0) or 0.0, f"adapter config field {key!r}")
+        if value != 0.0:
+            raise NotImplementedError(f"adapter config {key}={value:g}: AdapterLinear's bottleneck adapters have "
+                                      "no adapter dropout, so training would differ; only 0 is supported")
+    residual_before_ln = cfg.get("residual_before_ln", True)
+    if residual_before_ln not in (True, False, "post_add"):
+        raise ValueError(f"adapter config field 'residual_before_ln' must be true, false or 'post_add', "
+                         f"got {residual_before_ln!r}")
+    # residual_before_ln only matters with original_ln_before, adapter_residual_before_ln only with ln_after,
+    # the init_* and phm_* fields only at creation / with phm_layer: all refused or irrelevant here.
+
+    scaling = cfg.get("scaling", 1.0)
+    if isinstance(scaling, str):
+        raise NotImplementedError(f"adapter config scaling={scaling!r}: a learned scaling parameter is not "
+                                  "supported; only a constant number is")
+    scaling = _real(scaling, "adapter config field 'scaling'")
+
+    act = cfg["non_linearity"]
+    if not isinstance(act, str):
+        raise ValueError(f"adapter config field 'non_linearity' must be a str, got {act!r}")
+    act = act.lower()
+    if legacy:
+        act = _LEGACY_ACTIVATIONS.get(act, act)
+    if act not in _ACTIVATIONS:
+        raise NotImplementedError(f"adapter config non_linearity={cfg['non_linearity']!r} has no exact adaptkern "
+                                  f"kernel activation; supported: {sorted(_ACTIVATIONS)}")
+
+    leave_out = cfg.get("leave_out") or []
+    if not isinstance(leave_out, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in leave_out):
+        raise ValueError(f"adapter config field 'leave_out' must be a list of layer ids, got {leave_out!r}")
+
+    rf = cfg["reduction_factor"]
+    if isinstance(rf, dict):
+        rf = {str(k): _real(v, f"adapter config reduction_factor[{k!r}]") for k, v in rf.items()}
+        bad = [v for v in rf.values() if v <= 0]
+    else:
+        rf = _real(rf, "adapter config field 'reduction_factor'")
+        bad = [rf] if rf <= 0 else []
+    if bad:
+        raise ValueError(f"adapter config reduction_factor must be > 0, got {cfg['reduction_factor']!r}")
+    return dict(locations=[loc for loc in ("mh_adapter", "output_adapter") if _bool(cfg, loc)],
+                reduction_factor=rf, activation=_ACTIVATIONS[act], scaling=scaling, leave_out=set(leave_out))
+
+
+def _bottleneck_size(hidden_size: int, rf, layer: int) -> int:
+    """As adapters' BottleneckLayer.add_adapter + Adapter.__init__: int(hidden // rf), at least 1."""
+    if isinstance(rf, dict):
+        if str(layer) in rf:
+            rf = rf[str(layer)]
+        elif "default" in rf:
+            rf = rf["default"]
+        else:
+            raise ValueError(f"adapter config reduction_factor {rf} has neither layer {layer} nor 'default'")
+    return max(1, int(hidden_size // rf))
+
+
+def _find_layers(model: nn.Module, family: str) -> tuple[str, dict[int, str]]:
+    """(base model prefix, {layer index: layer name relative to the base model}) of the transformer layers."""
+    _, linears, _ = _FAMILIES[family]
+    base = getattr(model, "base_model", model)
+    base_name = next((n for n, m in model.named_modules() if m is base), "")
+    layers = {}
+    for name, module in base.named_modules():
+        if not name:
+            continue
+        try:
+            for rel in linears.values():
+                module.get_submodule(rel)
+        except AttributeError:
+            continue
+        last = name.rpartition(".")[2]
+        if not last.isdigit():
+            continue
+        if int(last) in layers:
+            raise NotImplementedError(f"{type(model).__name__} has two stacks of {family}-style layers "
+                                      f"({layers[int(last)]!r}, {name!r}); load_adapterhub maps one stack only")
+        layers[int(last)] = name
+    if not layers:
+        raise ValueError(f"no {family}-style transformer layers found in {type(model).__name__}")
+    return (base_name + "." if base_name else ""), layers
+
+
+def _model_family(model: nn.Module, saved_type) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or saved_type
+    for family, (types, _, _) in _FAMILIES.items():
+        if model_type in types:
+            if saved_type is not None and saved_type != model_type:
+                warnings.warn(f"AdapterHub adapter was saved for model_type {saved_type!r}, loading it into a "
+                              f"{model_type!r} model", stacklevel=3)
+            return family
+    supported = sorted(t for types, _, _ in _FAMILIES.values() for t in types)
+    raise NotImplementedError(f"model_type {model_type!r}: load_adapterhub knows where the adapters library "
+                              f"places bottleneck adapters for {supported} only")
+
+
+def _normalize_key(key: str, base_model_prefix: str) -> str:
+    for old, new in _LEGACY_KEYS.items():
+        key = key.replace(old, new)
+    if base_model_prefix and key.startswith(base_model_prefix + "."):
+        key = key[len(base_model_prefix) + 1:]
+    return key
+
+
+def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> nn.Module:
+    """Load an AdapterHub bottleneck adapter saved by ``adapters``' ``save_adapter`` into ``model``.
+
+    Semantics: for every layer i not in ``leave_out`` and every location the config enables,
+    the Linear that produces the adapted sub-block output h (see the module docstring) becomes
+    an ``AdapterLinear`` (sharing its weights) with a sequential bottleneck adapter
+    ``y = h + scaling·(f(h·Dᵀ + d)·Uᵀ + u)``, D = ``adapter_down.0.weight`` [R, H],
+    d = ``adapter_down.0.bias`` [R], U = ``adapter_up.weight`` [H, R], u = ``adapter_up.bias`` [H],
+    R = int(H // reduction_factor). The adapter is made active (``set_adapter(model, name)``)
+    and, as ``add_bottleneck`` does, only adapter parameters keep ``requires_grad``.
+
+    ``path`` holds ``adapter_config.json`` and ``adapter.safetensors`` (preferred) or
+    ``pytorch_adapter.bin`` (read with ``torch.load(weights_only=True)`` only); other files
+    (a saved head) are ignored. ``adapter_name`` defaults to the name in the saved config.
+
+    Strict: missing or unexpected keys, shape mismatches, non-finite values, non-floating
+    tensors, corrupt files and invalid config values raise (ValueError / FileNotFoundError)
+    before the model is touched; configurations that are not an adapter on a Linear raise
+    NotImplementedError naming the field; unknown config fields warn. Returns ``model``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"AdapterHub adapter directory {path!r} does not exist")
+    saved = _load_json(os.path.join(path, CONFIG_NAME))
+    cfg = saved.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: 'config' must be the full adapter config object "
+                         f"written by save_adapter, got {cfg!r}")
+    unknown = sorted(set(saved) - _TOP_LEVEL_FIELDS)
+    if unknown:
+        warnings.warn(f"AdapterHub adapter_config.json: ignoring unknown fields {unknown}", stacklevel=2)
+    spec = _check_bn_config(cfg, legacy="version" not in saved)
+
+    saved_name = saved.get("name")
+    if not isinstance(saved_name, str) or not saved_name:
+        raise ValueError(f"adapter_config.json has no adapter 'name' (got {saved_name!r})")
+    name = saved_name if adapter_name is None else adapter_name
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}"
+                         + ("; pass adapter_name=" if adapter_name is None else ""))
+
+    family = _model_family(model, saved.get("model_type"))
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    saved_hidden = saved.get("hidden_size")
+    if hidden is None:
+        hidden = saved_hidden
+    if saved_hidden is not None and saved_hidden != hidden:
+        raise ValueError(f"adapter was saved for hidden_size {saved_hidden}, the model has hidden_size {hidden}")
+    if not isinstance(hidden, int):
+        raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
+    prefix, layers = _find_layers(model, family)
+    _, linears, modules = _FAMILIES[family]
+    out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
+    if out_of_range:
+        warnings.warn(f"adapter config leave_out names layers {out_of_range} the model does not have", stacklevel=2)
+
+    # Expected tensors: saved key -> (target Linear name, AdapterLinear attribute, shape).
+    expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    targets: dict[str, int] = {}  # Linear name in model -> bottleneck size
+    for i, layer in sorted(layers.items()):
+        if i in spec["leave_out"]:
+            continue
+        size = _bottleneck_size(hidden, spec["reduction_factor"], i)
+        for loc in spec["locations"]:
+            target = f"{prefix}{layer}.{linears[loc]}"
+            targets[target] = size
+            key = f"{layer}.{modules[loc]}.adapters.{saved_name}."
+            expected[key + "adapter_down.0.weight"] = (target, "down_weight", (size, hidden))
+            expected[key + "adapter_down.0.bias"] = (target, "down_bias", (size,))
+            expected[key + "adapter_up.weight"] = (target, "up_weight", (hidden, size))
+            expected[key + "adapter_up.bias"] = (target, "up_bias", (hidden,))
+    if not expected:
+        raise ValueError("the adapter config enables no location (mh_adapter and output_adapter are false, or every "
+                         "layer is left out)")
+
+    weights_file, raw = _load_weights(path)
+    base_model_prefix = getattr(model, "base_model_prefix", "") or ""
+    state: dict[str, Tensor] = {}
+    for key, tensor in raw.items():
+        norm = _normalize_key(key, base_model_prefix)
+        if norm in state:
+            raise ValueError(f"{weights_file}: keys {key!r} and another one both map to {norm!r}")
+        state[norm] = tensor
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not match the adapter config on {type(model).__name__}: "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
+                         f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                         f"({len(unexpected)})")
+    for key, (_, _, shape) in expected.items():
+        t = state[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{weights_file}: {key!r} has shape {tuple(t.shape)}, the model needs {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{weights_file}: {key!r} has dtype {t.dtype}, expected a floating dtype")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_file}: {key!r} contains NaN or Inf")
+
+    for target in targets:
+        try:
+            module = model.get_submodule(target)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no module {target!r}") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{target!r} is a {type(module).__name__}, expected an nn.Linear")
+        if module.out_features != hidden:
+            raise ValueError(f"{target!r} has out_features {module.out_features}, the adapter needs {hidden}")
+        if isinstance(module, AdapterLinear) and name in module.adapters:
+            raise ValueError(f"an adapter named {name!r} already exists on {target!r}")
+
+    # Everything checked: now change the model.
+    patch(model, "|".join(re.escape(t) for t in targets))
+    for target, size in targets.items():
+        model.get_submodule(target).add_bottleneck(name, size, spec["activation"], "sequential", spec["scaling"])
+    with torch.no_grad():
+        for key, (target, attr, _) in expected.items():
+            param = getattr(model.get_submodule(target).adapters[name], attr)
+            param.copy_(state[key].to(device=param.device, dtype=param.dtype))
+    freeze_base(model)
+    set_adapter(model, name)
+    return model

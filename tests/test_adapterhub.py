@@ -1,0 +1,414 @@
+"""load_adapterhub against fixtures written by the real ``adapters`` library (tests/fixtures/adapterhub).
+
+The fixtures hold tiny random BERT and Llama base weights, AdapterHub adapters saved by
+``adapters`` 1.3 (see VERSIONS.json, generate.py) and the outputs ``adapters`` computed with
+and without them. Here the same base model is rebuilt with the installed transformers,
+the adapter is loaded with adaptkern, and the outputs must match.
+
+Tolerance (fp32, atol 1e-5 on outputs of magnitude ~1): the only differences are rounding —
+transformers 4.57 vs the installed version (BERT base outputs differ by 6e-8) and the fused
+kernel's folded down-projection x·(D·W)ᵀ + D·b + d instead of (x·Wᵀ + b)·Dᵀ + d, a different
+summation order over K ≤ 64 (≲ 64·eps·|x| ≈ 1e-6). Measured: ≤ 4.8e-7 with the adapter, ≤ 6e-8
+without. The adapters change the outputs by 0.16–0.56, so a wrong placement, scale, bias or
+activation family misses by orders of magnitude. (The erf and tanh GELU variants differ by only
+2e-7 on these inputs; the activation mapping is asserted separately, on the loaded modules.)
+"""
+
+import copy
+import datetime
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2Model, LlamaConfig,
+                          LlamaForCausalLM, LlamaModel)
+
+from adaptkern.integrations.adapterhub import load_adapterhub
+from adaptkern.integrations.patching import adapter_modules, set_adapter
+from adaptkern.nn import AdapterLinear
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "adapterhub")
+ATOL = 1e-5
+MODELS = {"bert": (BertConfig, BertModel), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+# fixture -> (Linear suffixes that get the adapter, activation, scale)
+LOADABLE = {
+    ("bert", "houlsby"): (["encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense",
+                           "encoder.layer.1.attention.output.dense", "encoder.layer.1.output.dense"], "silu", 1.0),
+    ("bert", "seq_relu"): (["encoder.layer.1.output.dense"], "relu", 0.5),  # output only, layer 0 left out
+    ("llama", "houlsby"): (["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                            "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"], "silu", 1.0),
+    ("llama", "houlsby_gelu"): (["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                                 "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"], "gelu_tanh",
+                                2.0),
+}
+
+
+def config_kwargs(family):
+    with open(os.path.join(FIXTURES, family, "model_config.json")) as f:
+        return json.load(f)
+
+
+def build(family, model_cls=None):
+    config_cls, default_cls = MODELS[family]
+    model = (model_cls or default_cls)(config_cls(**config_kwargs(family), attn_implementation="eager"))
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(FIXTURES, family, "base_model.safetensors")),
+                                                strict=False)
+    if model_cls is None:
+        assert not missing and not unexpected, (missing, unexpected)
+    return model.eval()
+
+
+def run(model, family):
+    inputs = load_file(os.path.join(FIXTURES, family, "inputs.safetensors"))
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    return out.last_hidden_state if family == "bert" else out.logits
+
+
+def assert_matches(name, got, want):
+    err = (got - want).abs()
+    idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    assert err.max().item() <= ATOL, (f"{name}: max |err| {err.max().item():.3e} at {idx} (got {got[idx].item():.6g}, "
+                                      f"want {want[idx].item():.6g}); atol {ATOL:g}")
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, snap):
+    state, types, grads = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def copy_fixture(tmp_path, family="bert", adapter="houlsby"):
+    dst = tmp_path / adapter
+    shutil.copytree(os.path.join(FIXTURES, family, adapter), dst)
+    return dst
+
+
+def edit_config(directory, **changes):
+    file = directory / "adapter_config.json"
+    saved = json.loads(file.read_text())
+    for key, value in changes.items():
+        if key.startswith("top_"):
+            saved[key[4:]] = value
+        else:
+            saved["config"][key] = value
+    file.write_text(json.dumps(saved))
+
+
+def edit_weights(directory, fn):
+    file = directory / "adapter.safetensors"
+    state = load_file(file)
+    fn(state)
+    save_file(state, file)
+
+
+# -- reproducing the adapters library ---------------------------------------------------------------
+
+
+def test_fixture_versions_recorded():
+    with open(os.path.join(FIXTURES, "VERSIONS.json")) as f:
+        versions = json.load(f)
+    assert versions["adapters"] and versions["transformers"].startswith("4.")
+
+
+@pytest.mark.parametrize("family,adapter", list(LOADABLE), ids=[f"{f}-{a}" for f, a in LOADABLE])
+def test_reproduces_adapters_outputs(family, adapter):
+    model = build(family)
+    expected = load_file(os.path.join(FIXTURES, family, f"{adapter}.expected.safetensors"))
+    base = load_file(os.path.join(FIXTURES, family, "inputs.safetensors"))["base_output"]
+    assert_matches("base model (rebuilt with this transformers)", run(model, family), base)
+    base_keys = set(model.state_dict())
+
+    load_adapterhub(model, os.path.join(FIXTURES, family, adapter))
+
+    targets, activation, scale = LOADABLE[family, adapter]
+    holders = adapter_modules(model, adapter)
+    assert sorted(holders) == sorted(targets)
+    for module in holders.values():
+        a = module.adapters[adapter]
+        assert (a.placement, a.activation, a.scale) == ("sequential", activation, scale)
+        assert module.active_adapter == adapter
+    # base keys unchanged; the new keys are the adapter's; only adapter parameters train
+    new_keys = set(model.state_dict()) - base_keys
+    assert base_keys <= set(model.state_dict()) and all(f".adapters.{adapter}." in k for k in new_keys)
+    assert len(new_keys) == 4 * len(targets)
+    assert all(p.requires_grad == (f".adapters.{adapter}." in n) for n, p in model.named_parameters())
+
+    assert_matches(f"{family}/{adapter} with the adapter", run(model, family), expected["with_adapter"])
+    set_adapter(model, None)
+    assert_matches(f"{family}/{adapter} adapter off", run(model, family), expected["without_adapter"])
+
+
+def test_adapter_name_argument():
+    model = build("bert")
+    load_adapterhub(model, os.path.join(FIXTURES, "bert", "seq_relu"), adapter_name="mine")
+    (module,) = adapter_modules(model, "mine").values()
+    assert list(module.adapters) == ["mine"] and module.active_adapter == "mine"
+    saved = torch.load(os.path.join(FIXTURES, "bert", "seq_relu", "pytorch_adapter.bin"), weights_only=True)
+    key = "encoder.layer.1.output.adapters.seq_relu.adapter_up.weight"
+    assert torch.equal(module.adapters["mine"].up_weight, saved[key])
+
+
+def test_base_model_prefix_either_way():
+    """BERT adapter saved from BertModel (no prefix) into a model with a head; Llama adapter saved from
+    LlamaForCausalLM ("model." prefix) into a bare LlamaModel."""
+    bert = build("bert", BertForSequenceClassification)
+    load_adapterhub(bert, os.path.join(FIXTURES, "bert", "houlsby"))
+    assert "bert.encoder.layer.1.output.dense" in adapter_modules(bert, "houlsby")
+    assert "classifier" not in adapter_modules(bert)
+    saved = load_file(os.path.join(FIXTURES, "bert", "houlsby", "adapter.safetensors"))
+    got = bert.bert.encoder.layer[1].output.dense.adapters["houlsby"].down_weight
+    assert torch.equal(got, saved["encoder.layer.1.output.adapters.houlsby.adapter_down.0.weight"])
+
+    llama = LlamaModel(LlamaConfig(**config_kwargs("llama")))
+    load_adapterhub(llama, os.path.join(FIXTURES, "llama", "houlsby"))
+    assert sorted(adapter_modules(llama, "houlsby")) == ["layers.0.mlp.down_proj", "layers.0.self_attn.o_proj",
+                                                          "layers.1.mlp.down_proj", "layers.1.self_attn.o_proj"]
+    # reduction_factor {"0": 4, "default": 8}: hidden 32 -> size 8 in layer 0, 4 in layer 1
+    assert llama.layers[0].mlp.down_proj.adapters["houlsby"].down_weight.shape == (8, 32)
+    assert llama.layers[1].self_attn.o_proj.adapters["houlsby"].up_weight.shape == (32, 4)
+
+
+def test_legacy_config_and_keys(tmp_path):
+    """adapter-transformers v2 files: no "version" ("gelu" meant gelu_new) and *_text_task_adapters keys."""
+    d = copy_fixture(tmp_path)
+    saved = json.loads((d / "adapter_config.json").read_text())
+    del saved["version"]
+    saved["config"]["non_linearity"] = "gelu"
+    (d / "adapter_config.json").write_text(json.dumps(saved))
+    edit_weights(d, lambda s: s.update({k.replace(".output.adapters.", ".output.layer_text_task_adapters."): s.pop(k)
+                                        for k in list(s)}))
+    model = build("bert")
+    load_adapterhub(model, d)
+    assert {m.adapters["houlsby"].activation for m in adapter_modules(model, "houlsby").values()} == {"gelu_tanh"}
+
+
+def test_pfeiffer_refused_because_not_a_linear_adapter():
+    """Pfeiffer (seq_bn) reads LayerNorm(h + residual). Loading its weights as a sequential adapter on
+    output.dense anyway (by hand) misses the adapters library's output by far more than rounding:
+    refusing it is necessary, not overcautious."""
+    path = os.path.join(FIXTURES, "bert", "pfeiffer")
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(NotImplementedError, match="original_ln_before"):
+        load_adapterhub(model, path)
+    assert_unchanged(model, snap)
+
+    saved = load_file(os.path.join(path, "adapter.safetensors"))
+    for i, layer in enumerate(model.encoder.layer):
+        layer.output.dense = AdapterLinear.from_linear(layer.output.dense)
+        a = layer.output.dense.add_bottleneck("pf", 8, activation="relu")
+        prefix = f"encoder.layer.{i}.output.adapters.pfeiffer."
+        with torch.no_grad():
+            for attr, key in (("down_weight", "adapter_down.0.weight"), ("down_bias", "adapter_down.0.bias"),
+                              ("up_weight", "adapter_up.weight"), ("up_bias", "adapter_up.bias")):
+                getattr(a, attr).copy_(saved[prefix + key])
+    want = load_file(os.path.join(FIXTURES, "bert", "pfeiffer.expected.safetensors"))["with_adapter"]
+    assert (run(model, "bert") - want).abs().max().item() > 1e-2
+
+
+# -- configurations that are not an adapter on a Linear --------------------------------------------
+
+
+@pytest.mark.parametrize("family,adapter,field", [
+    ("bert", "pfeiffer", "original_ln_before"),
+    ("bert", "parallel", "is_parallel"),
+    ("llama", "pfeiffer", "original_ln_before"),
+    ("llama", "parallel", "is_parallel"),
+])
+def test_real_unsupported_configs_raise(family, adapter, field):
+    model = build(family)
+    snap = snapshot(model)
+    with pytest.raises(NotImplementedError, match=field):
+        load_adapterhub(model, os.path.join(FIXTURES, family, adapter))
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("original_ln_before", True), ("original_ln_after", False), ("is_parallel", True), ("ln_before", True),
+    ("ln_after", True), ("phm_layer", True), ("use_gating", True), ("scaling", "learned"), ("scaling", "channel"),
+    ("inv_adapter", "nice"), ("cross_adapter", True), ("dropout", 0.1), ("stochastic_depth", 0.1),
+    ("non_linearity", "tanh"), ("non_linearity", "leakyrelu"), ("architecture", "lora"),
+    ("architecture", "prefix_tuning"),
+])
+def test_unsupported_config_fields_raise(tmp_path, field, value):
+    d = copy_fixture(tmp_path)
+    edit_config(d, **{field: value})
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(NotImplementedError, match=field):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+def test_unsupported_model_type():
+    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16))
+    with pytest.raises(NotImplementedError, match="model_type 'gpt2'"):
+        load_adapterhub(model, os.path.join(FIXTURES, "bert", "houlsby"))
+
+
+# -- strict loading ---------------------------------------------------------------------------------
+
+K0 = "encoder.layer.0.output.adapters.houlsby.adapter_down.0.weight"
+
+
+def _drop(s):
+    del s[K0]
+
+
+def _extra(s):
+    s["encoder.layer.0.output.adapters.houlsby.gate.weight"] = torch.zeros(1, 32)
+
+
+def _shape(s):
+    s[K0] = torch.zeros(4, 32)
+
+
+def _nan(s):
+    s[K0][1, 2] = float("nan")
+
+
+def _inf(s):
+    s["encoder.layer.1.attention.output.adapters.houlsby.adapter_up.bias"][0] = float("-inf")
+
+
+def _int(s):
+    s[K0] = torch.zeros(8, 32, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_drop, rf"missing keys \['{K0}'\]"),
+    (_extra, r"unexpected keys \['encoder\.layer\.0\.output\.adapters\.houlsby\.gate\.weight'\]"),
+    (_shape, rf"'{K0}' has shape \(4, 32\), the model needs \(8, 32\)"),
+    (_nan, rf"'{K0}' contains NaN or Inf"),
+    (_inf, r"adapter_up\.bias' contains NaN or Inf"),
+    (_int, rf"'{K0}' has dtype torch.int32"),
+], ids=["missing", "unexpected", "shape", "nan", "inf", "int"])
+def test_strict_weights(tmp_path, edit, match):
+    d = copy_fixture(tmp_path)
+    edit_weights(d, edit)
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors(tmp_path, damage):
+    d = copy_fixture(tmp_path)
+    file = d / "adapter.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"\x13\x37" * 64, "empty": b""}[damage])
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="truncated or corrupt safetensors"):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_bin_only_through_weights_only(tmp_path):
+    """A pickle that would run code (or hold non-tensor objects) is refused, and its code never runs."""
+    d = copy_fixture(tmp_path, "bert", "seq_relu")
+    marker = str(tmp_path / "code-ran")
+    torch.save({"x": _Payload(marker)}, d / "pytorch_adapter.bin")
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"weights_only=True"):
+        load_adapterhub(model, d)
+    assert not os.path.exists(marker)
+    torch.save({"x": datetime.date(2020, 1, 1)}, d / "pytorch_adapter.bin")
+    with pytest.raises(ValueError, match=r"weights_only=True"):
+        load_adapterhub(model, d)
+    (d / "pytorch_adapter.bin").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ValueError, match=r"weights_only=True"):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+def test_missing_and_bad_files(tmp_path):
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapterhub(model, tmp_path / "nowhere")
+    d = copy_fixture(tmp_path)
+    (d / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter.safetensors or pytorch_adapter.bin"):
+        load_adapterhub(model, d)
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapterhub(model, d)
+    (d / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(top_hidden_size=64), "saved for hidden_size 64, the model has hidden_size 32"),
+    (dict(top_config="houlsby"), "'config' must be the full adapter config"),
+    (dict(reduction_factor=-2), "reduction_factor must be > 0"),
+    (dict(reduction_factor={"1": 4}), "neither layer 0 nor 'default'"),
+    (dict(mh_adapter="yes"), "'mh_adapter' must be true or false"),
+    (dict(leave_out="0"), "'leave_out' must be a list"),
+    (dict(mh_adapter=False, output_adapter=False), "enables no location"),
+], ids=["hidden_size", "config-str", "rf-negative", "rf-no-default", "bool-type", "leave_out", "nothing"])
+def test_invalid_config_values(tmp_path, changes, match):
+    d = copy_fixture(tmp_path)
+    edit_config(d, **changes)
+    model = build("bert")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapterhub(model, d)
+    assert_unchanged(model, snap)
+
+
+def test_reduction_factor_change_is_a_shape_error(tmp_path):
+    d = copy_fixture(tmp_path)
+    edit_config(d, reduction_factor=8)
+    model = build("bert")
+    with pytest.raises(ValueError, match=r"has shape \(8, 32\), the model needs \(4, 32\)"):
+        load_adapterhub(model, d)
+
+
+def test_unknown_fields_warn(tmp_path):
+    d = copy_fixture(tmp_path)
+    edit_config(d, future_knob=3, top_extra_meta="x")
+    model = build("bert")
+    with pytest.warns(UserWarning) as record:
+        load_adapterhub(model, d)
+    messages = " ".join(str(w.message) for w in record)
+    assert "future_knob" in messages and "extra_meta" in messages
+    assert len(adapter_modules(model, "houlsby")) == 4
+
+
+def test_existing_adapter_name_refused():
+    model = build("bert")
+    load_adapterhub(model, os.path.join(FIXTURES, "bert", "seq_relu"), adapter_name="a")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="an adapter named 'a' already exists on 'encoder.layer.1.output.dense'"):
+        load_adapterhub(model, os.path.join(FIXTURES, "bert", "houlsby"), adapter_name="a")
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="without '.'"):
+        load_adapterhub(copy.deepcopy(model), os.path.join(FIXTURES, "bert", "houlsby"), adapter_name="a.b")
