@@ -27,13 +27,13 @@ import triton.language as tl
 
 from .triton_kernels import _act
 
-NO_SLOT = 1 << 30
+NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)  # "no further slot" sentinel of _next_slot
 
 
 @triton.jit
 def _next_slot(slots, after):
     """Smallest slot in ``slots`` greater than ``after`` (NO_SLOT if none)."""
-    return tl.min(tl.where(slots > after, slots, 1 << 30), axis=0)
+    return tl.min(tl.where(slots > after, slots, NO_SLOT), axis=0)
 
 
 @triton.jit

@@ -61,9 +61,8 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACT == 3:
-        c: tl.constexpr = 0.7978845608028654
-        t = 2.0 * _sigmoid(2.0 * c * (z + 0.044715 * z * z * z)) - 1.0
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 0.134145 * z * z)
+        t = 2.0 * _sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     else:
         sg = _sigmoid(z)
         g = sg * (1.0 + z * (1.0 - sg))
@@ -88,7 +87,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
     return pid_m, pid_n
