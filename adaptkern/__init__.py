@@ -22,3 +22,20 @@ __all__ = [
     "mixed_lora_linear",
 ]
 __version__ = "0.1.0"
+
+# Hugging Face integrations import transformers: load them on first use, not with adaptkern.
+_INTEGRATIONS = {
+    "patch": "patching", "add_lora": "patching", "add_bottleneck": "patching", "set_adapter": "patching",
+    "adapter_parameters": "patching", "load_peft": "peft", "save_peft": "peft", "from_peft_model": "peft",
+    "load_adapterhub": "adapterhub",
+}
+__all__ += sorted(_INTEGRATIONS)
+
+
+def __getattr__(name):
+    if name in _INTEGRATIONS:
+        import importlib
+
+        module = importlib.import_module(f".integrations.{_INTEGRATIONS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'adaptkern' has no attribute {name!r}")
