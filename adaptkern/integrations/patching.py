@@ -156,8 +156,9 @@ def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
 
     Semantics: each selected layer computes y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ with
     A [r, in] Kaiming-uniform, B [out, r] zeros, scale = alpha/r (alpha/√r with rsLoRA;
-    alpha None: alpha = r). Afterwards only adapter parameters require grad (the whole base
-    model is frozen, as PEFT does). Returns ``model``; raises before changing anything if
+    alpha None: alpha = r). Afterwards ``name`` is the active adapter of the model (see
+    :func:`set_adapter`) and only adapter parameters require grad (the whole base model is
+    frozen, as PEFT does). Returns ``model``; raises before changing anything if
     ``name`` is taken on a selected layer or the arguments are invalid.
     """
     names = target_module_names(model, target_modules)
@@ -166,6 +167,7 @@ def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
     patch(model, names)
     for n in names:
         model.get_submodule(n).add_lora(name, r, alpha, dropout, use_rslora)
+    set_adapter(model, name)
     freeze_base(model)
     return model
 
@@ -176,8 +178,8 @@ def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: Targe
 
     Semantics: sequential: y = h + scale·(f(h·Dᵀ + d)·Uᵀ + u) with h = x·Wᵀ + b; parallel:
     y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u). Shapes per layer: D [size, out] (sequential)
-    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). Afterwards only
-    adapter parameters require grad. Returns ``model``.
+    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). Afterwards ``name``
+    is the active adapter of the model and only adapter parameters require grad. Returns ``model``.
     """
     names = target_module_names(model, target_modules)
     _check_new_adapter(model, names, name)
@@ -185,6 +187,7 @@ def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: Targe
     patch(model, names)
     for n in names:
         model.get_submodule(n).add_bottleneck(name, size, activation, placement, scale)
+    set_adapter(model, name)
     freeze_base(model)
     return model
 

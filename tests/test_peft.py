@@ -1,0 +1,436 @@
+"""PEFT LoRA interop against the real ``peft`` package, on tiny random models built from configs.
+
+Tolerance: the DESIGN §6 rule through ``assert_close_to_ref``: adaptkern's fp32 logits and
+LoRA gradients may be at most 2× further from PEFT-in-float64 than PEFT-in-float32 is, plus
+2e-6 × max|ref|. Both fp32 runs round differently (fused epilogue vs eager adds), so
+neither is the oracle; float64 is.
+"""
+
+import copy
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
+
+from adaptkern import AdapterLinear
+from adaptkern.integrations import Conv1DAdapter, adapter_parameters, add_lora, from_peft_model, load_peft, save_peft
+from adaptkern.integrations.patching import set_adapter
+
+from .helpers import assert_close_to_ref
+
+# transformers 5 renames gradient_checkpointing_* (PEFT still calls the old names)
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")
+
+DEC = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None)
+
+
+def tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(**DEC))
+
+
+# name -> (builder, PEFT target_modules, extra LoraConfig kwargs, does generate())
+ARCHS = {
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}, True),
+    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**DEC)), ["q_proj", "v_proj", "down_proj"], {}, True),
+    "mistral": (lambda: MistralForCausalLM(MistralConfig(**DEC)), ["q_proj", "o_proj", "up_proj"], {}, True),
+    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+                                                bos_token_id=None, eos_token_id=None)),
+             ["c_attn", "c_proj", "c_fc"], dict(fan_in_fan_out=True), True),
+    "bert": (lambda: BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64,
+                                                max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                                attention_probs_dropout_prob=0.0)),
+             ["query", "value", "dense"], {}, False),
+    "t5": (lambda: T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                       num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
+                                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)),
+           ["q", "v", "o", "wi", "wo"], {}, True),
+}
+
+
+def make_inputs(arch, batch=2, seq=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (batch, seq), generator=g)
+    if arch == "t5":
+        return dict(input_ids=ids, decoder_input_ids=torch.randint(1, 64, (batch, 4), generator=g))
+    return dict(input_ids=ids)
+
+
+def peft_pair(arch, tmp_path, seed=0, **lora_kwargs):
+    """(base, PEFT model with random non-zero LoRA B, adaptkern model loaded from what PEFT saved)."""
+    build, targets, extra, _ = ARCHS[arch]
+    torch.manual_seed(seed)
+    base = build().eval()
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, **extra)
+    cfg.update(lora_kwargs)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    randomize_lora_b(pm)
+    pm.save_pretrained(tmp_path)
+    return base, pm, load_peft(copy.deepcopy(base), str(tmp_path))
+
+
+def randomize_lora_b(model, std=0.1):
+    """Fresh LoRA B is zero, which would make every comparison vacuous."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, std)
+
+
+def peft_key(name):
+    """adaptkern's ``X.adapters.<a>.lora_A`` -> PEFT's ``base_model.model.X.lora_A.<a>.weight``."""
+    path, _, rest = name.partition(".adapters.")
+    adapter, _, which = rest.partition(".")
+    return f"base_model.model.{path}.{which}.{adapter}.weight"
+
+
+def loss_and_grads(model, inputs, grad_seed=3):
+    """Logits and, by backward() of sum(logits·G) (G fixed random), the .grad of every parameter that got one."""
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs).logits
+    g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    (logits * g.to(logits.dtype)).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_only_adapters_trainable(model):
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapter_parameters(model)} and trainable
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architecture_matches_peft(arch, tmp_path):
+    base, pm, ours = peft_pair(arch, tmp_path)
+    targets = ARCHS[arch][1]
+    assert_only_adapters_trainable(ours)
+    assert all(isinstance(m, Conv1DAdapter if arch == "gpt2" else AdapterLinear)
+               for n, m in ours.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    inputs = make_inputs(arch)
+    pm.train()
+    ours.train()  # every dropout is 0: train mode so that checkpointing below is active
+    ours.config.use_cache = False  # as checkpointing forces (T5's cached path rounds differently)
+    logits, grads = loss_and_grads(ours, inputs)
+    peft32, grads32 = loss_and_grads(pm, inputs)
+    peft64, grads64 = loss_and_grads(copy.deepcopy(pm).double(), inputs)
+    assert_close_to_ref("logits", logits, peft64.double(), peft32)
+    adapter_names = {n for n, _ in ours.named_parameters() if ".adapters." in n}
+    assert set(grads) == adapter_names and len(grads32) == len(adapter_names)  # only adapters get gradients
+    for name, g in grads.items():
+        key = peft_key(name)
+        assert_close_to_ref(f"d {name}", g, grads64[key].double(), grads32[key])
+
+    ours.gradient_checkpointing_enable()
+    calls = []
+    layer = next(m for m in ours.modules() if isinstance(m, AdapterLinear))
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    logits_ckpt, grads_ckpt = loss_and_grads(ours, inputs)
+    assert len(calls) == 2, "gradient checkpointing did not recompute the layer"
+    assert_close_to_ref("logits (checkpointed)", logits_ckpt, peft64.double(), peft32)
+    for name, g in grads_ckpt.items():  # not bitwise: T5's checkpointed path rounds differently even without LoRA
+        key = peft_key(name)
+        assert_close_to_ref(f"d {name} (checkpointed)", g, grads64[key].double(), grads32[key])
+    assert set(grads_ckpt) == adapter_names
+
+    if ARCHS[arch][3]:
+        ours.gradient_checkpointing_disable()
+        ours.eval()
+        pm.eval()
+        ids = make_inputs(arch, seq=5, seed=2)["input_ids"]
+        kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), pm.generate(input_ids=ids, **kw))
+
+
+def outputs_match_peft(pm, ours, arch="llama"):
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        out, out32 = ours(**inputs).logits, pm(**inputs).logits
+        out64 = copy.deepcopy(pm).double()(**inputs).logits
+    assert_close_to_ref("logits", out, out64.double(), out32)
+
+
+@pytest.mark.parametrize("case", ["patterns", "rslora", "regex"])
+def test_load_peft_config_features(case, tmp_path):
+    kwargs = {
+        "patterns": dict(rank_pattern={"layers.0.self_attn.q_proj": 2, r"layers\.1\.mlp\..*": 6},
+                         alpha_pattern={"v_proj": 3, "down_proj": 20}),
+        "rslora": dict(use_rslora=True, lora_alpha=5),
+        "regex": dict(target_modules=r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.gate_proj)"),
+    }[case]
+    _, pm, ours = peft_pair("llama", tmp_path, **kwargs)
+    layers = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, AdapterLinear)}
+    peft_layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert set(layers) == set(peft_layers)
+    for n, a in layers.items():
+        assert (a.r, a.scale) == (peft_layers[n].r["default"], peft_layers[n].scaling["default"]), n
+    if case == "patterns":
+        assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.mlp.up_proj"].r == 6
+    if case == "regex":
+        assert sorted(layers) == ["model.layers.1.mlp.gate_proj", "model.layers.1.self_attn.k_proj",
+                                  "model.layers.1.self_attn.o_proj"]
+    outputs_match_peft(pm, ours)
+
+
+def test_gpt2_fan_in_fan_out_and_tied_head(tmp_path):
+    """Conv1D keeps its [in, out] Parameter (state dict unchanged), the tied head stays tied and unpatched."""
+    base, _, ours = peft_pair("gpt2", tmp_path)
+    attn = ours.transformer.h[0].attn.c_attn
+    assert attn._parameters["weight"].shape == (32, 96) and attn.weight.shape == (96, 32)
+    assert ours.lm_head.weight is ours.transformer.wte.weight and not isinstance(ours.lm_head, AdapterLinear)
+    state = ours.state_dict()
+    assert {k for k in state if ".adapters." not in k} == set(base.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    _edit_config(tmp_path, fan_in_fan_out=False)
+    with pytest.warns(UserWarning, match="fan_in_fan_out=False but 'transformer.h.0.attn.c_attn' is a Conv1D"):
+        load_peft(copy.deepcopy(base), str(tmp_path))
+
+
+def test_save_peft_loads_in_peft(tmp_path):
+    """Mixed ranks and alphas (rank_pattern / alpha_pattern on save) and a bias-carrying model (Qwen2)."""
+    torch.manual_seed(0)
+    base = ARCHS["qwen2"][0]().eval()
+    ours = add_lora(copy.deepcopy(base), "a", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    add_lora(ours, "a", r=2, alpha=3, target_modules=["model.layers.1.mlp.down_proj"])
+    randomize_lora_b(ours)
+    save_peft(ours, str(tmp_path), adapter_name="a")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (4, 8, ["model.layers.1.mlp.down_proj", "q_proj",
+                                                                          "v_proj"])
+    assert list(cfg["rank_pattern"].values()) == [2] and list(cfg["alpha_pattern"].values()) == [3]
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    outputs_match_peft(pm, ours)
+
+
+def test_save_peft_conv1d_loads_in_peft(tmp_path):
+    torch.manual_seed(0)
+    base = ARCHS["gpt2"][0]().eval()
+    ours = add_lora(copy.deepcopy(base), "default", r=3, alpha=6, target_modules=["c_attn", "mlp.c_proj"],
+                    use_rslora=True)
+    randomize_lora_b(ours)
+    save_peft(ours, str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] and cfg["use_rslora"]
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    outputs_match_peft(pm, ours, "gpt2")
+
+
+def bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_is_bit_exact(dtype, tmp_path):
+    """PEFT file -> load_peft -> save_peft -> load_peft: every tensor keeps its dtype and its bits."""
+    torch.manual_seed(0)
+    src = tmp_path / "peft"
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                 rank_pattern={"down_proj": 3}))
+    randomize_lora_b(pm)
+    pm.to(dtype).save_pretrained(src)
+    ours = load_peft(tiny_llama(), str(src), adapter_name="mine")
+    save_peft(ours, str(tmp_path / "ours"), adapter_name="mine")
+    original = load_file(src / "adapter_model.safetensors")
+    written = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert written.keys() == original.keys()
+    for k, v in original.items():
+        assert written[k].dtype == v.dtype == dtype and torch.equal(bits(written[k]), bits(v)), k
+    again = load_peft(tiny_llama(), str(tmp_path / "ours"))
+    for n, p in again.named_parameters():
+        if ".adapters." in n:
+            assert torch.equal(bits(p.detach()), bits(original[peft_key(n).replace(".default.", ".")])), n
+
+
+def test_load_legacy_bin_weights_only(tmp_path):
+    _, pm, _ = peft_pair("llama", tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save(weights, tmp_path / "adapter_model.bin")
+    outputs_match_peft(pm, load_peft(tiny_llama_seeded(), str(tmp_path)))
+
+
+def tiny_llama_seeded(seed=0):
+    torch.manual_seed(seed)
+    return tiny_llama().eval()
+
+
+# -- strictness: every failure leaves the model exactly as it was --------------------------------------------
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_unchanged(model, snap):
+    state, types, grads = snapshot(model)
+    assert types == snap[1] and grads == snap[2]
+    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _edit_weights(path, fn):
+    w = load_file(path / "adapter_model.safetensors")
+    fn(w)
+    save_file(w, path / "adapter_model.safetensors")
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+BAD = {
+    "missing key": (lambda p: _edit_weights(p, lambda w: w.pop(KEY)), ValueError, "missing .*q_proj.lora_A"),
+    "unexpected key": (lambda p: _edit_weights(p, lambda w: w.update(extra=torch.zeros(2))), ValueError,
+                       "unexpected \\['extra'\\]"),
+    "shape": (lambda p: _edit_weights(p, lambda w: w.update({KEY: torch.zeros(4, 31)})), ValueError,
+              r"q_proj.lora_A.weight: shape mismatch: checkpoint has \(4, 31\), the model needs \(4, 32\)"),
+    "rank in config": (lambda p: _edit_config(p, r=5), ValueError, r"checkpoint has \(4, 32\), the model needs \(5"),
+    "nan": (lambda p: _edit_weights(p, lambda w: w[KEY].__setitem__((0, 0), float("nan"))), ValueError, "NaN or Inf"),
+    "inf": (lambda p: _edit_weights(p, lambda w: w[KEY].__setitem__((1, 2), float("-inf"))), ValueError,
+            "NaN or Inf"),
+    "integer weights": (lambda p: _edit_weights(p, lambda w: w.update({KEY: torch.zeros(4, 32, dtype=torch.int32)})),
+                        ValueError, "floating point"),
+    "truncated": (lambda p: (p / "adapter_model.safetensors").write_bytes(
+        (p / "adapter_model.safetensors").read_bytes()[:-50]), ValueError, "not a valid safetensors"),
+    "corrupt": (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json"),
+                ValueError, "not a valid safetensors"),
+    "pickle": (lambda p: (os.remove(p / "adapter_model.safetensors"),
+                          (p / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))),
+               ValueError, "weights_only"),
+    "no weights": (lambda p: os.remove(p / "adapter_model.safetensors"), FileNotFoundError, "neither"),
+    "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), ValueError, "not valid JSON"),
+    "peft_type": (lambda p: _edit_config(p, peft_type="IA3"), NotImplementedError, "peft_type='IA3'"),
+    "no peft_type": (lambda p: _edit_config(p, peft_type=None), ValueError, "peft_type must be"),
+    "bias": (lambda p: _edit_config(p, bias="all"), NotImplementedError, "bias='all'"),
+    "dora": (lambda p: _edit_config(p, use_dora=True), NotImplementedError, "use_dora=True"),
+    "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), NotImplementedError,
+                        "modules_to_save"),
+    "r": (lambda p: _edit_config(p, r=0), ValueError, "r must be a positive int"),
+    "dropout": (lambda p: _edit_config(p, lora_dropout=1.5), ValueError, "lora_dropout"),
+    "targets nothing": (lambda p: _edit_config(p, target_modules=["nope"]), ValueError, "matches no module"),
+    "targets embedding": (lambda p: _edit_config(p, target_modules=["q_proj", "embed_tokens"]), NotImplementedError,
+                          "Embedding"),
+    "rank_pattern type": (lambda p: _edit_config(p, rank_pattern={"q_proj": "2"}), ValueError, "rank_pattern"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved")
+    peft_pair("llama", path, target_modules=["q_proj", "v_proj"])
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_strict_load_errors_leave_model_unchanged(case, saved_llama, tmp_path, monkeypatch):
+    path = tmp_path / "adapter"
+    path.mkdir()
+    for f in os.listdir(saved_llama):
+        (path / f).write_bytes((saved_llama / f).read_bytes())
+    corrupt, exc, match = BAD[case]
+    corrupt(path)
+    model = add_lora(tiny_llama_seeded(), "other", r=2, target_modules=["k_proj"])  # partly patched already
+    snap = snapshot(model)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(exc, match=match):
+        load_peft(model, str(path))
+    assert not (tmp_path / "pwned").exists()
+    assert_unchanged(model, snap)
+
+
+def test_name_clash_and_unknown_fields(saved_llama):
+    model = load_peft(tiny_llama_seeded(), str(saved_llama))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="already used"):
+        load_peft(model, str(saved_llama))
+    assert_unchanged(model, snap)
+    cfg = json.loads((saved_llama / "adapter_config.json").read_text())
+    assert "loftq_config" in cfg  # known, ignored fields load silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_peft(tiny_llama_seeded(), str(saved_llama))
+
+
+def test_unknown_config_field_warns(saved_llama, tmp_path):
+    for f in os.listdir(saved_llama):
+        (tmp_path / f).write_bytes((saved_llama / f).read_bytes())
+    _edit_config(tmp_path, shiny_new_option=3)
+    with pytest.warns(UserWarning, match="shiny_new_option"):
+        load_peft(tiny_llama_seeded(), str(tmp_path))
+
+
+def test_save_peft_errors(tmp_path):
+    model = add_lora(tiny_llama_seeded(), "a", r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="no layer"):
+        save_peft(model, str(tmp_path), adapter_name="default")
+    add_lora(model, "a", r=2, target_modules=["k_proj"], dropout=0.1)
+    with pytest.raises(ValueError, match="disagree on dropout"):
+        save_peft(model, str(tmp_path), adapter_name="a")
+    from adaptkern.integrations import add_bottleneck
+    add_bottleneck(model, "bn", 4, target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="bottleneck"):
+        save_peft(model, str(tmp_path), adapter_name="bn")
+
+
+# -- from_peft_model -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_from_peft_model_keeps_adapters_and_active(arch):
+    build, targets, extra, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    pm = get_peft_model(build().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=targets[:2], **extra),
+                        adapter_name="one")
+    pm.add_adapter("two", LoraConfig(r=2, lora_alpha=5, use_rslora=True, target_modules=targets[1:3], **extra))
+    randomize_lora_b(pm)
+    inputs = make_inputs(arch)
+    expected = {}
+    with torch.no_grad():
+        for name in ("one", "two"):
+            pm.set_adapter(name)
+            expected[name] = (pm(**inputs).logits, copy.deepcopy(pm).double()(**inputs).logits)
+    lora_params = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    model = from_peft_model(pm)
+    assert model is pm.get_base_model()
+    converted = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    assert converted and all(m.active_adapter in ("two", None) for m in converted)
+    assert {id(p) for p in adapter_parameters(model)} == {id(p) for p in lora_params.values()}
+    assert not any(type(m).__module__.startswith("peft") for m in model.modules())
+    for name in ("two", "one"):
+        set_adapter(model, name)
+        with torch.no_grad():
+            out = model(**inputs).logits
+        assert_close_to_ref(f"logits {name}", out, expected[name][1].double(), expected[name][0])
+
+
+def test_from_peft_model_refuses_unsupported_unchanged():
+    with pytest.raises(TypeError, match="PeftModel"):
+        from_peft_model(tiny_llama())
+    for kwargs in (dict(use_dora=True), dict(modules_to_save=["lm_head"])):
+        pm = get_peft_model(tiny_llama_seeded(), LoraConfig(r=2, target_modules=["q_proj"], **kwargs))
+        types = [type(m) for m in pm.modules()]
+        with pytest.raises(NotImplementedError):
+            from_peft_model(pm)
+        assert types == [type(m) for m in pm.modules()]
+    pm = get_peft_model(tiny_llama_seeded(), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.merge_adapter()
+    with pytest.raises(NotImplementedError, match="merged"):
+        from_peft_model(pm)
