@@ -18,6 +18,7 @@ import functools
 import os
 from typing import NamedTuple
 
+import torch
 import triton
 
 ONEPASS_MAX_RANK = 64
@@ -82,8 +83,6 @@ def choose_route(m: int, rank: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
-    import torch
-
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -94,8 +93,6 @@ def split_k(tiles: int, k: int, block_k: int, device) -> int:
     ``torch.use_deterministic_algorithms`` (the atomics change the summation order).
     The interpreter pretends to have 8 SMs so CI exercises the path on small shapes.
     """
-    import torch
-
     if torch.are_deterministic_algorithms_enabled():
         return 1
     sms = 8 if device.type != "cuda" else _num_sms(device.index or 0)
