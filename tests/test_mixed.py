@@ -191,8 +191,12 @@ def test_pool_mixes_kinds_ranks_and_activations(m, device):
     torch.testing.assert_close(y2[rows.to(device)].cpu().double(), (xd @ wd.t() + bd)[rows], rtol=1e-5, atol=1e-5)
 
 
-def test_adapter_linear_mixed_gradients_per_adapter(device):
+@pytest.mark.parametrize("path", ["kernels", "cpu-reference"])
+def test_adapter_linear_mixed_gradients_per_adapter(path, device, monkeypatch):
     """Several adapters (LoRA and bottlenecks) fine-tune in one batch: each gets its rows' gradient."""
+    if path == "cpu-reference":
+        monkeypatch.setattr(config, "interpreting", lambda: False)
+        device = "cpu"
     torch.manual_seed(3)
     m = adaptkern.AdapterLinear.from_linear(nn.Linear(20, 18)).to(device)
     m.add_lora("l1", 4)

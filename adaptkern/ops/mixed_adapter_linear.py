@@ -197,16 +197,9 @@ def mixed_adapter_linear_backward_op(
     an input whose entry of ``needs`` is False gets an empty tensor."""
     if use_triton(x):
         grads = _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, z, needs)
-    else:  # the CPU path differentiates the reference
-        acc = acc_dtype(x.dtype)
-        ins = [None if t is None else t.detach().to(acc).requires_grad_(need)
-               for t, need in zip((x, weight, bias, a_all, a_bias, b_all, b_bias), needs)]
-        with torch.enable_grad():
-            y = reference.mixed_adapter_linear_ref(*ins, scales, ranks, acts, ids)
-            wrt = [t for t, need in zip(ins, needs) if need]
-            got = iter(torch.autograd.grad(y, wrt, dy.to(acc), allow_unused=True))
-        grads = [next(got) if need else None for need in needs]
-        grads = [torch.zeros_like(t) if g is None and need else g for g, t, need in zip(grads, ins, needs)]
+    else:
+        grads = reference.mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids,
+                                                        needs)
     refs = (x, weight, bias, a_all, a_bias, b_all, b_bias)
     return [g.to(t.dtype) if g is not None else x.new_empty(0) for g, t in zip(grads, refs)]
 

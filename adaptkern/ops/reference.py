@@ -222,3 +222,35 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
     for rows, delta in rows_out:
         y = y.index_add(0, rows, delta)
     return y
+
+
+def mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, needs):
+    """Explicit gradients of :func:`mixed_adapter_linear_ref` (the CPU path's backward), per slot:
+
+    dZ = scale_s·(dY·B_s) ⊙ f_s'(z);  dX = dY·W + dZ·A_s;  dA_s = dZᵀ·x;  da_s = ΣdZ;
+    dB_s = scale_s·dYᵀ·f_s(z);  dc_s = scale_s·ΣdY;  dW = dYᵀ·x;  db = ΣdY (over all rows).
+
+    ``needs`` is (x, weight, bias, a_all, a_bias, b_all, b_bias); returns the seven gradients
+    in float32 (float64 for float64 inputs), None where not needed.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dy, x, weight, a_all, b_all = (t.to(acc) for t in (dy, x, weight, a_all, b_all))
+    a_bias = None if a_bias is None else a_bias.to(acc)
+    dx = dy @ weight
+    da_all, dab, dbw, dbb = (torch.zeros_like(a_all), torch.zeros(a_all.shape[:2], dtype=acc),
+                             torch.zeros_like(b_all), torch.zeros(b_all.shape[:2], dtype=acc))
+    for s in sorted(set(ids.tolist()) - {-1}):
+        rows = (ids == s).nonzero().squeeze(1)
+        r = a_all.shape[1] if ranks is None else int(ranks[s])
+        act = "identity" if acts is None else ACT_BY_CODE[int(acts[s])]
+        scale = float(scales[s])
+        xs, dys = x[rows], dy[rows]
+        z = xs @ a_all[s, :r].t() + (0.0 if a_bias is None else a_bias[s, :r])
+        dz = scale * (dys @ b_all[s, :, :r]) * activation_grad(z, act)
+        dx[rows] += dz @ a_all[s, :r]
+        da_all[s, :r] = dz.t() @ xs
+        dab[s, :r] = dz.sum(0)
+        dbw[s, :, :r] = scale * dys.t() @ activation(z, act)
+        dbb[s] = scale * dys.sum(0)
+    grads = (dx, dy.t() @ x, dy.sum(0), da_all, dab, dbw, dbb)
+    return tuple(g if need else None for g, need in zip(grads, needs))
