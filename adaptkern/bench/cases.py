@@ -1,0 +1,302 @@
+"""Benchmark cases: the shapes of issues 2 and 5, their inputs, and their work (flops, bytes).
+
+One list of cases feeds ``adaptkern bench``, ``adaptkern check`` and the pytest-benchmark
+suites in ``benchmarks/``, so the three measure the same thing.
+
+Core suite (one adapter, Llama-8B-like layers, bf16):
+    M ∈ {2048, 8192} tokens; (K, N) ∈ {(4096, 4096), (4096, 14336)};
+    LoRA r ∈ {8, 16, 64}; bottleneck R = 256, GELU, sequential and parallel;
+    modes forward (inference, no autograd) and forward_backward (x and the adapter's
+    parameters require grad, the base W is frozen, as in fine-tuning).
+Mixed suite (every row may use a different LoRA adapter, forward only):
+    decode M ∈ {1, 16, 64, 256}, prefill M ∈ {2048, 8192}; S ∈ {1, 8, 32, 128} distinct
+    adapters; r ∈ {8, 16, 64}; K = N = 4096. Popularity is uniform: each of the S adapters
+    gets M/S rows (±1) in random order, so a batch holds exactly S distinct adapters
+    (cases with S > M are left out: they cannot hold S distinct adapters).
+
+``--quick`` keeps the cases the targets of issue 5 name. On a CPU, tiny shapes replace all
+of them (a smoke test of the harness, not a measurement).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+KINDS = ("lora", "bottleneck_sequential", "bottleneck_parallel")
+MODES = ("forward", "forward_backward")
+SUITES = ("core", "mixed")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+LORA_SCALE = 2.0  # alpha = 2r, a common LoRA setting
+BOTTLENECK_SCALE = 1.0
+
+# Core suite (issue 2)
+CORE_M = (2048, 8192)
+CORE_KN = ((4096, 4096), (4096, 14336))
+CORE_LORA_R = (8, 16, 64)
+CORE_BOTTLENECK_R = 256
+CORE_ACTIVATION = "gelu"
+
+# Mixed suite (issues 3 and 5)
+MIXED_DECODE_M = (1, 16, 64, 256)
+MIXED_PREFILL_M = (2048, 8192)
+MIXED_ADAPTERS = (1, 8, 32, 128)
+MIXED_R = (8, 16, 64)
+MIXED_KN = 4096
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem. ``rank`` is r (LoRA) or the bottleneck size R; ``num_adapters`` the
+    number of distinct adapters in the batch (1 outside the mixed suite)."""
+
+    suite: str
+    kind: str
+    M: int
+    K: int
+    N: int
+    rank: int
+    num_adapters: int = 1
+    activation: str = "identity"
+    dtype: str = "bfloat16"
+
+    @property
+    def id(self) -> str:
+        parts = [self.kind, f"M{self.M}", f"K{self.K}", f"N{self.N}", f"r{self.rank}"]
+        if self.kind != "lora":
+            parts.append(self.activation)
+        if self.suite == "mixed":
+            parts.append(f"S{self.num_adapters}")
+        parts.append(_SHORT.get(self.dtype, self.dtype))
+        return "-".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def placement(self) -> Optional[str]:
+        return self.kind.split("_", 1)[1] if self.kind.startswith("bottleneck_") else None
+
+    @property
+    def scale(self) -> float:
+        return LORA_SCALE if self.kind == "lora" else BOTTLENECK_SCALE
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("forward",) if self.suite == "mixed" else MODES
+
+    def fields(self) -> dict:
+        """The row fields of the results file that describe the case."""
+        d = asdict(self)
+        return {k: d[k] for k in ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype")}
+
+
+def _core(m, k, n) -> list[Case]:
+    out = [Case("core", "lora", m, k, n, r) for r in CORE_LORA_R]
+    out += [Case("core", f"bottleneck_{p}", m, k, n, CORE_BOTTLENECK_R, activation=CORE_ACTIVATION)
+            for p in ("sequential", "parallel")]
+    return out
+
+
+def core_cases(*, quick: bool = False, gpu: bool = True) -> list[Case]:
+    """The core suite; ``gpu=False`` gives the CPU smoke shapes."""
+    if not gpu:
+        smoke = [Case("core", "lora", 64, 128, 128, 8),
+                 Case("core", "bottleneck_sequential", 64, 128, 128, 16, activation="gelu"),
+                 Case("core", "bottleneck_parallel", 64, 128, 128, 16, activation="gelu")]
+        return smoke[:2] if quick else smoke
+    if quick:  # the shapes the targets of issue 5 name
+        return [Case("core", "lora", 8192, 4096, 4096, 16),
+                Case("core", "bottleneck_sequential", 8192, 4096, 4096, CORE_BOTTLENECK_R, activation=CORE_ACTIVATION)]
+    return [c for m, (k, n) in itertools.product(CORE_M, CORE_KN) for c in _core(m, k, n)]
+
+
+def mixed_cases(*, quick: bool = False, gpu: bool = True) -> list[Case]:
+    """The mixed-adapter suite (LoRA, forward); ``gpu=False`` gives the CPU smoke shapes."""
+    if not gpu:
+        smoke = [Case("mixed", "lora", 64, 128, 128, 8, num_adapters=4),
+                 Case("mixed", "lora", 4, 128, 128, 8, num_adapters=1),
+                 Case("mixed", "lora", 64, 128, 128, 8, num_adapters=1)]
+        return smoke[:1] if quick else smoke
+    kn = MIXED_KN
+    if quick:  # the target cases of issue 5
+        return [Case("mixed", "lora", 64, kn, kn, 16, num_adapters=32),
+                Case("mixed", "lora", 256, kn, kn, 16, num_adapters=1),
+                Case("mixed", "lora", 256, kn, kn, 16, num_adapters=128),
+                Case("mixed", "lora", 8192, kn, kn, 16, num_adapters=8)]
+    return [Case("mixed", "lora", m, kn, kn, r, num_adapters=s)
+            for m in MIXED_DECODE_M + MIXED_PREFILL_M for s in MIXED_ADAPTERS for r in MIXED_R if s <= m]
+
+
+def select(suite: str, *, quick: bool = False, gpu: bool = True, filter: Optional[str] = None) -> list[Case]:
+    """Cases of ``suite`` ("core", "mixed" or "all"), optionally only ids containing every
+    comma-separated substring of ``filter``."""
+    if suite not in (*SUITES, "all"):
+        raise ValueError(f"suite must be one of {SUITES + ('all',)}, got {suite!r}")
+    cases = []
+    if suite in ("core", "all"):
+        cases += core_cases(quick=quick, gpu=gpu)
+    if suite in ("mixed", "all"):
+        cases += mixed_cases(quick=quick, gpu=gpu)
+    if filter:
+        needles = [f.strip() for f in filter.split(",") if f.strip()]
+        cases = [c for c in cases if all(n in c.id for n in needles)]
+    return cases
+
+
+def check_cases(dtypes: tuple[str, ...], *, gpu: bool = True) -> list[Case]:
+    """Small, odd shapes for ``adaptkern check``: LoRA (a one-pass and a split-sized rank)
+    and both bottleneck placements, in every dtype asked for. Off a GPU the shapes stay
+    small enough for the Triton interpreter (its blocks are 64 wide: 70/129/65 cross them);
+    on a GPU they cross the 128-wide blocks and the one-pass M limit too."""
+    shapes = [(37, 96, 80), (130, 257, 129), (1030, 1024, 1040)] if gpu else [(37, 96, 80), (70, 129, 65)]
+    out = []
+    for dtype in dtypes:
+        for m, k, n in shapes:
+            out += [Case("check", "lora", m, k, n, 8, dtype=dtype),
+                    Case("check", "lora", m, k, n, 72, dtype=dtype),
+                    Case("check", "bottleneck_sequential", m, k, n, 24, activation="gelu", dtype=dtype),
+                    Case("check", "bottleneck_parallel", m, k, n, 24, activation="silu", dtype=dtype)]
+    return out
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+@dataclass
+class CoreInputs:
+    """Tensors of a single-adapter case, in the case's dtype, on one device.
+
+    LoRA: ``down_w`` = lora_A [r, K], ``up_w`` = lora_B [N, r], no adapter biases.
+    Bottleneck: ``down_w`` [R, N] (sequential) or [R, K] (parallel), ``down_b`` [R],
+    ``up_w`` [N, R], ``up_b`` [N]. The base has no bias (Llama's linears have none).
+    ``x`` and the adapter's tensors require grad; ``weight`` does not. ``dy`` [M, N] is
+    the upstream gradient of forward_backward.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    down_w: torch.Tensor
+    down_b: Optional[torch.Tensor]
+    up_w: torch.Tensor
+    up_b: Optional[torch.Tensor]
+    dy: torch.Tensor
+
+    @property
+    def trainable(self) -> list[torch.Tensor]:
+        """x and the adapter's parameters: what forward_backward differentiates."""
+        return [t for t in (self.x, self.down_w, self.down_b, self.up_w, self.up_b) if t is not None]
+
+
+@dataclass
+class MixedInputs:
+    """Tensors of a mixed-adapter case, in the layout of ``adaptkern.mixed_lora_linear``.
+
+    x [M, K], weight [N, K], bias None, lora_a [S, r, K], lora_b [S, N, r],
+    adapter_ids [M] int32 in [0, S), scales [S] float32; ``groups`` holds, for the eager
+    loop, (slot, row indices int64) per distinct adapter, built once outside the timing.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    adapter_ids: torch.Tensor
+    scales: torch.Tensor
+    groups: list
+
+
+def _randn(shape, std, dtype, device, gen):
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+
+def _generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def make_core_inputs(case: Case, device, seed: int = 0) -> CoreInputs:
+    """Inputs with the magnitudes of a trained layer (outputs O(1), B non-zero so the adapter counts)."""
+    g = _generator(device, seed)
+    dt, m, k, n, r = case.torch_dtype, case.M, case.K, case.N, case.rank
+    x = _randn((m, k), 1.0, dt, device, g)
+    weight = _randn((n, k), k**-0.5, dt, device, g)
+    if case.kind == "lora":
+        down_w, down_b = _randn((r, k), k**-0.5, dt, device, g), None
+        up_w, up_b = _randn((n, r), r**-0.5, dt, device, g), None
+    else:
+        reads = n if case.placement == "sequential" else k
+        down_w, down_b = _randn((r, reads), reads**-0.5, dt, device, g), _randn((r,), 0.5, dt, device, g)
+        up_w, up_b = _randn((n, r), r**-0.5, dt, device, g), _randn((n,), 0.5, dt, device, g)
+    dy = _randn((m, n), 1.0, dt, device, g)
+    for t in (x, down_w, down_b, up_w, up_b):
+        if t is not None:
+            t.requires_grad_(True)
+    return CoreInputs(x, weight, None, down_w, down_b, up_w, up_b, dy)
+
+
+def uniform_adapter_ids(m: int, s: int, seed: int = 0) -> torch.Tensor:
+    """[m] int32: each of the s slots gets m/s rows (±1), in random order."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(m, dtype=torch.int32) % s
+    return ids[torch.randperm(m, generator=g)]
+
+
+def make_mixed_inputs(case: Case, device, seed: int = 0) -> MixedInputs:
+    g = _generator(device, seed)
+    dt, m, k, n, r, s = case.torch_dtype, case.M, case.K, case.N, case.rank, case.num_adapters
+    x = _randn((m, k), 1.0, dt, device, g)
+    weight = _randn((n, k), k**-0.5, dt, device, g)
+    lora_a = _randn((s, r, k), k**-0.5, dt, device, g)
+    lora_b = _randn((s, n, r), r**-0.5, dt, device, g)
+    scales = torch.linspace(0.5, 2.0, s, dtype=torch.float32, device=device)
+    ids_cpu = uniform_adapter_ids(m, s, seed)
+    groups = [(slot, torch.nonzero(ids_cpu == slot).flatten().to(device))
+              for slot in sorted(set(ids_cpu.tolist()))]
+    return MixedInputs(x, weight, None, lora_a, lora_b, ids_cpu.to(device), scales, groups)
+
+
+def with_base_rows(inp: MixedInputs, every: int) -> MixedInputs:
+    """The same inputs with every ``every``-th row set to -1 (base only), groups rebuilt."""
+    ids = inp.adapter_ids.cpu().clone()
+    ids[::every] = -1
+    groups = [(slot, torch.nonzero(ids == slot).flatten().to(inp.x.device))
+              for slot in sorted(set(ids.tolist()) - {-1})]
+    return MixedInputs(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, ids.to(inp.x.device), inp.scales, groups)
+
+
+def make_inputs(case: Case, device, seed: int = 0):
+    return make_mixed_inputs(case, device, seed) if case.suite == "mixed" else make_core_inputs(case, device, seed)
+
+
+# -- work model (for the roofline) ----------------------------------------------------
+
+
+def work(case: Case, mode: str) -> tuple[float, float]:
+    """(flops, minimum bytes moved) of the problem, independent of how it is computed.
+
+    Forward: 2MKN + 2MR(K_d + N) flops, K_d the adapter's input width (N for a sequential
+    bottleneck); bytes = read x, W, the adapter, write y. forward_backward adds the
+    frozen base's dX = dY·W (2MKN) and the adapter's four backward products (4MR(K_d + N));
+    its bytes add read dY, x, W, the adapter, write dX and the adapter's gradients.
+    Mixed: the S adapters' weights are read once each.
+    """
+    e = torch.tensor([], dtype=case.torch_dtype).element_size()
+    m, k, n, r = case.M, case.K, case.N, case.rank
+    if case.suite == "mixed":
+        flops = 2.0 * m * k * n + 2.0 * m * r * (k + n)
+        nbytes = e * (m * k + n * k + case.num_adapters * r * (k + n) + m * n) + 4 * (m + case.num_adapters)
+        return flops, float(nbytes)
+    kd = n if case.placement == "sequential" else k
+    params = r * (kd + n) + (0 if case.kind == "lora" else r + n)
+    if mode == "forward":
+        return 2.0 * m * k * n + 2.0 * m * r * (kd + n), float(e * (m * k + n * k + params + m * n))
+    flops = 4.0 * m * k * n + 6.0 * m * r * (kd + n)
+    return flops, float(e * (3 * m * k + 2 * n * k + 3 * params + 2 * m * n))
