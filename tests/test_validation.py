@@ -70,6 +70,8 @@ def test_bad_route():
     with pytest.raises(ValueError, match=re.escape("route must be one of")):
         adaptkern.adapter_linear(x, torch.randn(N, K), None, torch.randn(R, K), None, torch.randn(N, R), None,
                                  route="fast")
+    with pytest.raises(ValueError, match=re.escape("route='onepass' supports R <= 128, got R=129")):
+        adaptkern.lora_linear(x, torch.randn(N, K), None, torch.randn(129, K), torch.randn(N, 129), route="onepass")
 
 
 class TestModuleErrors:
