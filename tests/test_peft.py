@@ -159,13 +159,14 @@ def outputs_match_peft(pm, ours, arch="llama"):
     assert_close_to_ref("logits", out, out64.double(), out32)
 
 
-@pytest.mark.parametrize("case", ["patterns", "rslora", "regex"])
+@pytest.mark.parametrize("case", ["patterns", "rslora", "regex", "exclude"])
 def test_load_peft_config_features(case, tmp_path):
     kwargs = {
         "patterns": dict(rank_pattern={"layers.0.self_attn.q_proj": 2, r"layers\.1\.mlp\..*": 6},
                          alpha_pattern={"v_proj": 3, "down_proj": 20}),
         "rslora": dict(use_rslora=True, lora_alpha=5),
         "regex": dict(target_modules=r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.gate_proj)"),
+        "exclude": dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     }[case]
     _, pm, ours = peft_pair("llama", tmp_path, **kwargs)
     layers = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, AdapterLinear)}
@@ -178,6 +179,8 @@ def test_load_peft_config_features(case, tmp_path):
     if case == "regex":
         assert sorted(layers) == ["model.layers.1.mlp.gate_proj", "model.layers.1.self_attn.k_proj",
                                   "model.layers.1.self_attn.o_proj"]
+    if case == "exclude":
+        assert "model.layers.0.self_attn.q_proj" not in layers and len(layers) == 3
     outputs_match_peft(pm, ours)
 
 

@@ -37,6 +37,8 @@ class Conv1DAdapter(AdapterLinear):
     ``.weight`` attribute returns its ``[out, in]`` transpose (a free strided view), which
     is the ``nn.Linear`` contract the fused kernels, ``merge`` and every other reader rely
     on; assigning a Parameter to ``.weight`` stores an ``[in, out]`` one, as on Conv1D.
+    Each read makes a new view object, so caches keyed on tensor identity (the sequential
+    bottleneck's fold cache) rely on the shared version counter to see updates.
     """
 
     @property

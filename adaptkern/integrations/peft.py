@@ -21,7 +21,6 @@ import re
 import warnings
 from collections import Counter
 from numbers import Real
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -126,9 +125,12 @@ def _check_config(config) -> dict:
     rank_pattern = _pattern_field(config, "rank_pattern", int)
     if any(v < 1 for v in rank_pattern.values()):
         raise ValueError(f"{CONFIG_NAME}: rank_pattern ranks must be positive, got {rank_pattern!r}")
-    return dict(r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=_pattern_field(config, "alpha_pattern",
-                Real), rslora=flags["use_rslora"], fan_in_fan_out=flags["fan_in_fan_out"], dropout=float(dropout),
-                targets=targets, exclude=_targets_field(config, "exclude_modules"))
+    alpha_pattern = _pattern_field(config, "alpha_pattern", Real)
+    if not all(math.isfinite(v) for v in alpha_pattern.values()):
+        raise ValueError(f"{CONFIG_NAME}: alpha_pattern values must be finite, got {alpha_pattern!r}")
+    return dict(r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, rslora=flags["use_rslora"],
+                fan_in_fan_out=flags["fan_in_fan_out"], dropout=float(dropout), targets=targets,
+                exclude=_targets_field(config, "exclude_modules"))
 
 
 def _read_weights(path: str) -> dict[str, Tensor]:
@@ -213,7 +215,8 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
         plan[n] = (r, _pattern_get(cfg["alpha_pattern"], n, cfg["alpha"]))
         expected[f"{PREFIX}{n}.lora_A.weight"] = (r, in_f)
         expected[f"{PREFIX}{n}.lora_B.weight"] = (out_f, r)
-    layouts = [n for n in names if isinstance(model.get_submodule(n), (Conv1D, Conv1DAdapter)) != cfg["fan_in_fan_out"]]
+    conv = (Conv1D, Conv1DAdapter)
+    layouts = [n for n in names if isinstance(model.get_submodule(n), conv) != cfg["fan_in_fan_out"]]
     if layouts:
         warnings.warn(f"{CONFIG_NAME}: fan_in_fan_out={cfg['fan_in_fan_out']} but {layouts[0]!r} is a "
                       f"{type(model.get_submodule(layouts[0])).__name__} ({len(layouts)} such modules); using "
@@ -336,28 +339,28 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     """
     from peft import PeftModel
     from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
 
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
     base = peft_model.get_base_model()
-    layers = {}
+    lora = {n: m for n, m in base.named_modules() if type(m) is LoraLinear}
+    inner = tuple(n + "." for n in lora)
     for n, m in base.named_modules():
-        if isinstance(m, AuxiliaryTrainingWrapper):
-            raise NotImplementedError(f"{n!r} is a {type(m).__name__} (modules_to_save / trainable tokens)")
-        if not isinstance(m, BaseTunerLayer):
-            continue
-        if type(m) is not LoraLinear or not isinstance(m.base_layer, (nn.Linear, Conv1D)):
-            raise NotImplementedError(f"{n!r} is a {type(m).__name__} over {type(m.get_base_layer()).__name__}; "
-                                      f"only LoRA on nn.Linear / Conv1D converts")
+        if type(m).__module__.startswith("peft.") and n not in lora and not n.startswith(inner):
+            raise NotImplementedError(f"{n!r} is a peft {type(m).__name__}; only LoRA on nn.Linear / Conv1D "
+                                      f"converts (no modules_to_save, trainable tokens or other tuners)")
+    layers = {}
+    for n, m in lora.items():
+        if not isinstance(m.base_layer, (nn.Linear, Conv1D)):
+            raise NotImplementedError(f"{n!r} is LoRA over a {type(m.base_layer).__name__}; only nn.Linear / "
+                                      f"Conv1D converts")
         if m.merged:
             raise NotImplementedError(f"{n!r} has merged adapters {m.merged_adapters}; unmerge() first")
         active = [a for a in m.active_adapters if a in m.lora_A]
         if len(active) > 1:
             raise NotImplementedError(f"{n!r} has several active adapters {active}; AdapterLinear runs one")
         for a in m.lora_A:
-            if a in m.lora_variant or m.lora_bias.get(a):
+            if m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) or a in getattr(m, "lora_variant", {}):
                 raise NotImplementedError(f"{n!r}: adapter {a!r} is a LoRA variant (use_dora / lora_bias / ...)")
             want = m.lora_alpha[a] / (math.sqrt(m.r[a]) if m.use_rslora[a] else m.r[a])
             if m.scaling[a] != want:
