@@ -90,7 +90,7 @@ class _FoldCache:
         self.value = None
 
     def get(self, weight, bias, down_weight, down_bias):
-        key = tuple((t.data_ptr(), t.shape, t._version) if t is not None else None
+        key = tuple((t.data_ptr(), t.device, t.dtype, t.shape, t._version) if t is not None else None
                     for t in (weight, bias, down_weight, down_bias))
         if key != self.key:
             with torch.no_grad():
