@@ -37,7 +37,6 @@ Llama-style models have no dropout there and match in training too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import AdapterLinear
+from .checkpoint_io import read_json_object, read_state_dict
 from .patching import freeze_base, patch, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -107,43 +107,6 @@ _MUST_BE = {
     "inv_adapter": (None, "an invertible adapter on the embeddings"),
     "cross_adapter": (False, "cross-attention adapters (encoder-decoder models)"),
 }
-
-
-def _load_json(file: str) -> dict:
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {os.path.basename(file)} in {os.path.dirname(file)!r}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _load_weights(path: str) -> tuple[str, dict[str, Tensor]]:
-    """The saved state dict: adapter.safetensors if present, else pytorch_adapter.bin through weights_only."""
-    safe, legacy = os.path.join(path, SAFE_WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME)
-    if os.path.isfile(safe):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            state = load_file(safe, device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{safe}: truncated or corrupt safetensors file ({e})") from None
-        return safe, state
-    if os.path.isfile(legacy):
-        try:
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError (refused or corrupt pickle), EOFError, RuntimeError (bad zip)
-            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
-                             f"({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                  for k, v in state.items()):
-            raise ValueError(f"{legacy}: expected a dict of str -> Tensor")
-        return legacy, state
-    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {path!r}")
 
 
 def _bool(cfg: dict, key: str) -> bool:
@@ -312,7 +275,7 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"AdapterHub adapter directory {path!r} does not exist")
-    saved = _load_json(os.path.join(path, CONFIG_NAME))
+    saved = read_json_object(os.path.join(path, CONFIG_NAME))
     cfg = saved.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: 'config' must be the full adapter config object "
@@ -364,7 +327,7 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
         raise ValueError("the adapter config enables no location (mh_adapter and output_adapter are false, or every "
                          "layer is left out)")
 
-    weights_file, raw = _load_weights(path)
+    weights_file, raw = read_state_dict(path, SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
     base_model_prefix = getattr(model, "base_model_prefix", "") or ""
     state: dict[str, Tensor] = {}
     for key, tensor in raw.items():

@@ -23,12 +23,12 @@ from collections import Counter
 from numbers import Real
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..nn import AdapterLinear
+from .checkpoint_io import read_json_object, read_state_dict
 from .patching import (Conv1DAdapter, adapter_modules, freeze_base, name_matches, patch, set_adapter,
                        target_module_names)
 
@@ -133,25 +133,6 @@ def _check_config(config) -> dict:
                 exclude=_targets_field(config, "exclude_modules"))
 
 
-def _read_weights(path: str) -> dict[str, Tensor]:
-    st, binary = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
-    if os.path.isfile(st):
-        try:
-            return load_file(st)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{st}: not a valid safetensors file (truncated or corrupt?): {e}") from e
-    if os.path.isfile(binary):
-        try:
-            weights = torch.load(binary, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler raises many types on bad input
-            raise ValueError(f"{binary}: cannot be read with torch.load(weights_only=True): {e}") from e
-        if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                    for k, v in weights.items()):
-            raise ValueError(f"{binary}: expected a dict of str -> Tensor")
-        return weights
-    raise FileNotFoundError(f"{path}: neither {SAFETENSORS_NAME} nor {BIN_NAME} found")
-
-
 def _base_module_names(model: nn.Module) -> list[str]:
     """Module names as PEFT sees them on the unpatched model: without the adapters inside AdapterLinear."""
     inner = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterLinear))
@@ -194,18 +175,10 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
     shapes), non-finite or non-floating weights, or a corrupt file; NotImplementedError for
     a non-LoRA peft_type or an unsupported feature (naming the config field).
     """
-    config_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file}: not valid JSON: {e}") from e
-    cfg = _check_config(config)
+    cfg = _check_config(read_json_object(os.path.join(path, CONFIG_NAME)))
     names = _select_targets(model, cfg)
     _check_free_name(model, adapter_name)
-    weights = _read_weights(path)
+    _, weights = read_state_dict(path, SAFETENSORS_NAME, BIN_NAME)
 
     expected, plan = {}, {}
     for n in names:
