@@ -73,6 +73,14 @@ def _check_x(x: Tensor, weight: Tensor) -> tuple[int, int]:
     return n, k
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """x in the autocast dtype when autocast is on for x's device (as F.linear would run)."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation="identity", dropout_p=0.0,
                    route="auto"):
     """The general fused adapter linear; LoRA and both bottleneck placements reduce to it.
@@ -110,6 +118,7 @@ def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation
     if route == "onepass" and r > 2 * ONEPASS_MAX_RANK:
         raise ValueError(f"route='onepass' supports R <= {2 * ONEPASS_MAX_RANK}, got R={r}")
 
+    x = autocast_input(x)
     params = [None if t is None else t.to(x.dtype) for t in (weight, bias, a_w, a_b, b_w, b_b)]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .functional import _check_devices, _check_tensor, _check_x
+from .functional import _check_devices, _check_tensor, _check_x, autocast_input
 from .ops.mixed_adapter_linear import mixed_adapter_linear_op
 from .pool import AdapterPool
 
@@ -24,18 +24,21 @@ def _ids_checking_enabled(validate: bool) -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True) -> Tensor:
-    """Validate ``adapter_ids`` [M] (int32/int64, values in [-1, num_slots)) and return it flat.
+def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True, lead: tuple = ()) -> Tensor:
+    """Validate ``adapter_ids`` [M] (or shaped like x's leading dims ``lead``; int32/int64,
+    values in [-1, num_slots)) and return it flat.
 
     The value check reads the ids on the host (a sync): it runs in eager mode only, and is
-    skipped under torch.compile, during CUDA graph capture, or with ``validate=False``.
+    skipped under torch.compile, during CUDA graph capture, or with ``validate=False``; the
+    kernels then treat an out-of-range id as -1 rather than read out of bounds.
     """
     if not isinstance(ids, Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
-    if ids.numel() != m or (ids.dim() != 1 and m > 0):
-        raise ValueError(f"adapter_ids must have shape ({m},) (one id per row of x), got {tuple(ids.shape)}")
+    if ids.numel() != m or (ids.dim() != 1 and tuple(ids.shape) != tuple(lead)):
+        raise ValueError(f"adapter_ids must have shape ({m},) (one id per row of x) or {tuple(lead)}, "
+                         f"got {tuple(ids.shape)}")
     ids = ids.reshape(m)
     if _ids_checking_enabled(validate) and m > 0:
         bad = (ids < -1) | (ids >= num_slots)
@@ -83,10 +86,15 @@ def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
     ranks = _check_slot_vector("ranks", ranks, s, floating=False)
     _check_devices(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids,
                         scales=scales, ranks=ranks))
-    if ranks is not None and _ids_checking_enabled(validate_ids) and bool(((ranks < 0) | (ranks > r)).any()):
-        raise ValueError(f"ranks must lie in [0, {r}] (R_max of lora_a {tuple(lora_a.shape)}), got {ranks.tolist()}")
+    if _ids_checking_enabled(validate_ids):
+        if ranks is not None and bool(((ranks < 0) | (ranks > r)).any()):
+            raise ValueError(f"ranks must lie in [0, {r}] (R_max of lora_a {tuple(lora_a.shape)}), "
+                             f"got {ranks.tolist()}")
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"scales must be finite, got {scales.tolist()}")
+    x = autocast_input(x)
     x2, lead = _flatten_rows(x, k)
-    ids = check_adapter_ids(adapter_ids, x2.shape[0], s, validate_ids)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], s, validate_ids, lead)
     params = [None if t is None else t.to(x.dtype) for t in (weight, bias, lora_a, lora_b)]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y, _ = mixed_adapter_linear_op(x2, params[0], params[1], params[2], None, params[3], None, scales.to(acc),
@@ -127,8 +135,9 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
         raise ValueError(f"pool is for [{pool.out_features}, {pool.in_features}] layers, weight is {tuple(weight.shape)}")
     _check_tensor("bias", bias, 1, optional=True)
     _check_devices(dict(x=x, weight=weight, bias=bias, adapter_ids=adapter_ids, pool=pool.lora_a))
+    x = autocast_input(x)
     x2, lead = _flatten_rows(x, k)
-    ids = check_adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate_ids)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate_ids, lead)
     tensors = pool.kernel_tensors(x.dtype)
     y, _ = mixed_adapter_linear_op(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), *tensors, ids,
                                    _need_z(x, weight, bias))

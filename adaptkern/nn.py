@@ -121,6 +121,7 @@ class AdapterLinear(nn.Linear):
         self._merged: Optional[str] = None
         self._fold_caches: dict[str, _FoldCache] = {}
         self._batch_ids: Optional[Tensor] = None  # set by adaptkern.adapter_batch
+        self._slot_meta = None  # cache of _slot_metadata
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, freeze: bool = True) -> "AdapterLinear":
@@ -273,7 +274,19 @@ class AdapterLinear(nn.Linear):
                 nn.functional.pad(b_w, (0, pad)), b_b if b_b is not None else zeros(n), adapter.scale,
                 ACT_CODES[act], r)
 
+    def _slot_metadata(self, slots, device, acc) -> tuple:
+        """(scales, acts, ranks) device tensors, rebuilt only when their values change: no
+        host-to-device copy per forward (and none inside a CUDA graph capture)."""
+        key = (tuple((s[4], s[5], s[6]) for s in slots), device, acc)
+        if self._slot_meta is None or self._slot_meta[0] != key:
+            values = list(zip(*key[0]))
+            self._slot_meta = (key, (torch.tensor(values[0], dtype=acc, device=device),
+                                     torch.tensor(values[1], dtype=torch.int32, device=device),
+                                     torch.tensor(values[2], dtype=torch.int32, device=device)))
+        return self._slot_meta[1]
+
     def _mixed_forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
+        from .functional import autocast_input
         from .mixed import check_adapter_ids
 
         if self._merged is not None:
@@ -281,22 +294,21 @@ class AdapterLinear(nn.Linear):
         if self.training and any(getattr(a, "dropout", 0.0) > 0 for a in self.adapters.values()):
             raise NotImplementedError("LoRA dropout is not implemented for mixed-adapter batches; set dropout=0 or "
                                       "call eval()")
-        rows = x.numel() // x.shape[-1] if x.dim() else 0
-        ids = adapter_ids
-        if isinstance(ids, Tensor) and x.dim() >= 3 and ids.dim() == 1 and ids.numel() == x.shape[0] != rows:
-            ids = ids.repeat_interleave(rows // x.shape[0])  # one id per sequence -> one per token
         if not self.adapters:
             raise ValueError("adapter_ids given, but this layer has no adapters")
-        ids = check_adapter_ids(ids, rows, len(self.adapters))
+        x = autocast_input(x)
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        ids = adapter_ids
+        from_context = ids is self._batch_ids  # built by adapter_batch from names: valid by construction
+        if isinstance(ids, Tensor) and x.dim() >= 3 and ids.dim() == 1 and ids.numel() == x.shape[0] != rows:
+            ids = ids.repeat_interleave(rows // x.shape[0])  # one id per sequence -> one per token
+        ids = check_adapter_ids(ids, rows, len(self.adapters), validate=not from_context, lead=x.shape[:-1])
         names = list(self.adapters)
         r_max = max(a.r if a.kind == "lora" else a.down_weight.shape[0] for a in self.adapters.values())
         slots = [self._slot_tensors(nm, self.adapters[nm], r_max) for nm in names]
         a_all, a_bias, b_all, b_bias = (torch.stack([s[i] for s in slots]) for i in range(4))
-        device = x.device
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        scales = torch.tensor([s[4] for s in slots], dtype=acc, device=device)
-        acts = torch.tensor([s[5] for s in slots], dtype=torch.int32, device=device)
-        ranks = torch.tensor([s[6] for s in slots], dtype=torch.int32, device=device)
+        scales, acts, ranks = self._slot_metadata(slots, x.device, acc)
         lora_only = all(a.kind == "lora" for a in self.adapters.values())
         params = [self.weight, self.bias, a_all, None if lora_only else a_bias, b_all, None if lora_only else b_bias]
         params = [None if t is None else t.to(x.dtype) for t in params]

@@ -122,6 +122,8 @@ class AdapterPool:
             w = self._check("base_weight", base_weight, (self.out_features, self.in_features))
             b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,))
             d, db = reference.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
         self._store(slot, f"bottleneck_{placement}", d, db, u, ub, scale, act)
 
     @torch.no_grad()
@@ -138,15 +140,12 @@ class AdapterPool:
     def kernel_tensors(self, dtype: torch.dtype) -> tuple:
         """(a_all, a_bias, b_all, b_bias, scales, ranks, acts) for ``adaptkern::mixed_adapter_linear``.
 
-        Bias and activation tensors are None when no bottleneck is loaded (LoRA-only pools
-        skip those loads in the kernel).
+        Always the full set, whatever kinds are loaded now: a CUDA graph captured while the
+        pool held only LoRA slots must stay right after a bottleneck is loaded.
         """
-        bottleneck = any(k is not None and k.startswith("bottleneck") for k in self.kinds)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        a_w, b_w = self.lora_a.to(dtype), self.lora_b.to(dtype)
-        if not bottleneck:
-            return a_w, None, b_w, None, self.scales.to(acc), self.ranks, None
-        return a_w, self.a_bias.to(dtype), b_w, self.b_bias.to(dtype), self.scales.to(acc), self.ranks, self.acts
+        return (self.lora_a.to(dtype), self.a_bias.to(dtype), self.lora_b.to(dtype), self.b_bias.to(dtype),
+                self.scales.to(acc), self.ranks, self.acts)
 
     def __repr__(self) -> str:
         used = sum(k is not None for k in self.kinds)

@@ -11,6 +11,7 @@ the first failure.
 
 import argparse
 import inspect
+import itertools
 import os
 import sys
 
@@ -22,10 +23,12 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from adaptkern.ops import config  # noqa: E402
 from adaptkern.ops import mixed_kernels as MK  # noqa: E402
 from adaptkern.ops import triton_kernels as K  # noqa: E402
 
 FLOATS = {"alpha1", "alpha2", "dropout_p", "scale", "p"}
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 
 def compile_variant(fn, ptrs, consts, arch, num_warps=4, num_stages=3):
@@ -71,17 +74,55 @@ def variants():
     yield "dropout_mask", K._dropout_mask_kernel, dict(out_ptr="*i8", seed_ptr="*i64"), dict(BLOCK=1024), 4
 
 
+def table_variants():
+    """The block shapes config.py hands out, per operand size, at decode and prefill sizes:
+    they must fit the GPU's shared memory (the fixed shapes above need not)."""
+    for dt, ptr, elem in ((tl.bfloat16, "*bf16", 2), (tl.float32, "*fp32", 4), (tl.float64, "*fp64", 8)):
+        acc_t = tl.float64 if elem == 8 else tl.float32
+        acc_p = "*fp64" if elem == 8 else "*fp32"
+        acc = dict(DOT_DTYPE=dt, ACC=acc_t, PRECISION="tf32" if elem == 2 else "ieee")
+        for m in (1, 8192):
+            c = config.gemm_config(m, 4096, elem)
+            yield f"gemm-table-M{m}", K._gemm_kernel, dict(
+                c_ptr=ptr, p1_ptr=ptr, q1_ptr=ptr, p2_ptr=acc_p, q2_ptr=ptr, bias1_ptr=ptr, bias2_ptr=ptr,
+                z_ptr=acc_p, seed_ptr="*i64"), dict(
+                HAS_SECOND=True, HAS_BIAS1=True, HAS_BIAS2=True, EPILOGUE=0, STORE_Z=False, ACT=0, DROP=0, SPLIT_K=1,
+                **acc, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m), \
+                (c.num_warps, c.num_stages)
+            p = config.mixed_plan(m, 4096, 16, elem)
+            yield f"mixed_linear-table-M{m}", MK._mixed_linear_kernel, dict(
+                y_ptr=ptr, z_ptr=acc_p, x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, p_ptr=acc_p, ab_ptr=ptr, b_ptr=ptr,
+                bb_ptr=ptr, scales_ptr=acc_p, ranks_ptr="*i32", acts_ptr="*i32", ids_ptr="*i32",
+                perm_ptr="*i32"), dict(
+                SORTED=p.sort_rows, HAS_BIAS=True, HAS_AB=True, HAS_BB=True, HAS_SCALES=True, HAS_RANKS=True,
+                HAS_ACTS=True, STORE_Z=True, **acc, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k,
+                BLOCK_R=p.block_r, GROUP_M=8), (p.num_warps, p.num_stages)
+        for m in (1, 1024):
+            c = config.onepass_config(m, 4096, 64, elem)
+            yield f"onepass-table-M{m}-R64", K._onepass_fwd_kernel, dict(
+                y_ptr=ptr, z_ptr=acc_p, x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, aw_ptr=ptr, ab_ptr=ptr, bw_ptr=ptr,
+                bb_ptr=ptr, seed_ptr="*i64"), dict(
+                HAS_BIAS=True, HAS_AB=True, HAS_BB=True, STORE_Z=True, ACT=2, DROPOUT=False, **acc,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=64, GROUP_M=c.group_m), \
+                (c.num_warps, c.num_stages)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args(argv)
     count = 0
-    for name, fn, ptrs, consts, warps in variants():
-        label = f"{name} " + " ".join(f"{k}={v}" for k, v in consts.items() if not k.startswith("BLOCK"))
+    fixed = ((n, f, p, c, (w, 3)) for n, f, p, c, w in variants())
+    for name, fn, ptrs, consts, (warps, stages) in itertools.chain(fixed, table_variants()):
+        label = f"{name} " + " ".join(f"{k}={v}" for k, v in consts.items() if "table" in name
+                                      or not k.startswith("BLOCK"))
         try:
-            shared = compile_variant(fn, ptrs, consts, args.arch, num_warps=warps)
+            shared = compile_variant(fn, ptrs, consts, args.arch, num_warps=warps, num_stages=stages)
         except Exception as exc:  # report the variant, then fail
             print(f"FAIL {label}\n{type(exc).__name__}: {exc}")
+            return 1
+        if "table" in name and shared > SMEM_LIMIT:
+            print(f"FAIL {label}: needs {shared} B of shared memory, more than the {SMEM_LIMIT} B of sm_90")
             return 1
         count += 1
         print(f"ok   {label} (shared {shared} B)")

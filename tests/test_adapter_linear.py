@@ -239,3 +239,48 @@ def test_large_shapes_on_gpu(shape, dtype):
     inputs = make_inputs(m, k, n, r, dtype)
     for route in ("onepass", "split") if r <= 2 * config.ONEPASS_MAX_RANK else ("split",):
         _check_all(inputs, 0.5, act, route, "cuda")
+
+
+@pytest.mark.parametrize("route", ["onepass", "split"])
+def test_strided_bias_vectors(route, device):
+    """1-D operands that are views with a stride (bias[::2]) are read correctly."""
+    x, w, b, a_w, a_b, b_w, b_b = make_inputs(20, 24, 18, 4, torch.float32, seed=13)
+    views = [torch.stack([t, torch.full_like(t, 1e3)], dim=1)[:, 0] for t in (b, a_b, b_b)]
+    assert all(v.stride() == (2,) for v in views)
+    y = adaptkern.adapter_linear(x.to(device), w.to(device), views[0].to(device), a_w.to(device), views[1].to(device),
+                                 b_w.to(device), views[2].to(device), activation="gelu", route=route)
+    want = reference.adapter_linear_ref(*(t.double() for t in (x, w, b, a_w, a_b, b_w, b_b)), 1.0, "gelu")
+    assert_close_to_ref("y", y.cpu(), want)
+
+
+@pytest.mark.parametrize("route", ["onepass", "split"])
+def test_large_scale_does_not_overflow_fp16(route, device):
+    """scale·f(z) is applied in fp32 after the B dot: no inf where the result fits in fp16."""
+    x, w, b, a_w, _, b_w, _ = make_inputs(16, 32, 16, 4, torch.float16, seed=14)
+    scale = 2.0e4
+    y = adaptkern.lora_linear(x.to(device), w.to(device), b.to(device), a_w.to(device), b_w.to(device) * 1e-3,
+                              scale=scale, route=route)
+    want = reference.lora_linear_ref(x.double(), w.double(), b.double(), a_w.double(), b_w.double() * 1e-3, scale)
+    assert torch.isfinite(y).all()
+    eager = reference.lora_linear_ref(x, w, b, a_w, b_w * 1e-3, scale)
+    assert_close_to_ref("y", y.cpu(), want, eager)
+
+
+def test_forward_never_splits_k(monkeypatch, device):
+    """Split-K (fp32 atomics) is for backward reductions only: the forward stays bitwise reproducible."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("forward used split-K")
+
+    monkeypatch.setattr(config, "split_k", forbidden)
+    x, w, b, a_w, a_b, b_w, b_b = (t.to(device) for t in make_inputs(40, 300, 24, 4, torch.float32))
+    with torch.no_grad():
+        adaptkern.adapter_linear(x, w, b, a_w, a_b, b_w, b_b, activation="identity", route="split")
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    m = adaptkern.AdapterLinear(16, 8)
+    m.add_lora("a", 2)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x, m.weight, m.bias).dtype == torch.bfloat16
+        assert m(x).dtype == torch.bfloat16

@@ -362,3 +362,41 @@ def test_reference_path_on_cpu_outputs_and_gradients(monkeypatch):
     assert_close_to_ref("y", y.detach(), oracle)
     for name, g, og in zip(("dx", "dlora_a", "dlora_b"), grads, oracle_g):
         assert_close_to_ref(name, g, og)
+
+
+def test_strided_and_expanded_vectors_ids_shaped_like_x(device):
+    x, w, bias, a, b, scales = _setup(m=12, device=device)
+    ids = torch.tensor([3], dtype=torch.int32, device=device).expand(12)  # stride 0
+    wide_scales = torch.stack([scales, torch.full_like(scales, 1e3)], 1)[:, 0]
+    ranks = torch.tensor([[8, 0], [2, 0], [5, 0], [4, 0], [8, 0]], dtype=torch.int32, device=device)[:, 0]
+    y = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=wide_scales, ranks=ranks)
+    want = _oracle(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), scales.cpu(), ranks.cpu().contiguous(),
+                   ids.cpu().contiguous())[0]
+    assert_close_to_ref("y", y.cpu(), want)
+    ids2d = torch.tensor([[0, -1, 4], [2, 2, 1], [3, -1, 0], [4, 4, 4]], dtype=torch.int32, device=device)
+    y3 = adaptkern.mixed_lora_linear(x.view(4, 3, 40), w, bias, a, b, ids2d, scales=scales)
+    y2 = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids2d.flatten(), scales=scales)
+    assert y3.shape == (4, 3, 36) and torch.equal(y3.reshape(12, 36), y2)
+
+
+def test_non_finite_scale_is_refused_and_cannot_leak(device):
+    x, w, bias, a, b, scales = _setup(m=10, device=device)
+    ids = torch.tensor([0, 1, -1, 0, 2, 1, -1, 0, 3, 4], dtype=torch.int32, device=device)
+    bad = scales.clone()
+    bad[0] = float("inf")
+    with pytest.raises(ValueError, match="scales must be finite"):
+        adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=bad)
+    y = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=bad, validate_ids=False)
+    want = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=scales)
+    others = ids != 0
+    assert torch.isfinite(y[others]).all(), "a non-finite scale must stay in its own slot's rows"
+    assert torch.equal(y[others], want[others])
+
+
+def test_out_of_range_ids_without_validation_are_base_only(device):
+    """Under compile or graph capture ids are not checked on the host: the kernels must not read out of bounds."""
+    x, w, bias, a, b, scales = _setup(m=8, device=device)
+    ids = torch.tensor([0, 7, -3, 1, 5, 100, 2, -1], dtype=torch.int32, device=device)
+    y = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=scales, validate_ids=False)
+    clean = torch.where((ids >= 0) & (ids < 5), ids, -1)
+    assert torch.equal(y, adaptkern.mixed_lora_linear(x, w, bias, a, b, clean, scales=scales))

@@ -72,24 +72,31 @@ def _strides(t: Optional[Tensor], ndim: int = 2):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+def _elem(dot_dtype: dict) -> int:
+    """Bytes per dot operand, for the shared-memory fit of ``config``."""
+    return dot_dtype["DOT_DTYPE"].primitive_bitwidth // 8
+
+
 def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
          epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
-         drop=DROP_NONE, drop_ld=0, dot_dtype):
+         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False):
     """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2).
 
     Shapes: out [M, N], p1 [M, K1], q1 [K1, N], p2 [M, K2], q2 [K2, N], bias [N], z [M, N]
-    fp32; any strides. A contiguous float32 ``out`` with no epilogue and no second product
-    may be reduced with split-K (atomics), in which case it is zero-filled here first.
+    fp32; any strides (1-D bias vectors contiguous). With ``allow_split_k`` (backward only:
+    the atomics make the summation order vary), a contiguous float32 ``out`` with no
+    epilogue and no second product may be reduced with split-K; it is zero-filled first.
     """
     m, n = out.shape
     k1 = p1.shape[1]
     k2 = p2.shape[1] if p2 is not None else 0
     if m == 0 or n == 0:
         return out
-    cfg = config.gemm_config(m, n)
+    cfg = config.gemm_config(m, n, _elem(dot_dtype))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits = 1
-    if out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None and out.is_contiguous():
+    if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
+            and out.is_contiguous()):
         splits = config.split_k(tiles, k1, cfg.block_k, out.device)
     if splits > 1:
         out.zero_()
@@ -109,7 +116,13 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
     return out
 
 
+def _vectors(*ts):
+    """1-D operands made contiguous: the kernels index them with unit stride."""
+    return [None if t is None else t.contiguous() for t in ts]
+
+
 def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, seed, need_z, route):
+    bias, a_b, b_b = _vectors(bias, a_b, b_b)
     m, k = x.shape
     n, r = weight.shape[0], a_w.shape[0]
     y = x.new_empty((m, n))
@@ -120,9 +133,9 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
     dropout = dropout_p > 0.0
     dot_dtype = _dot_dtype(x.dtype)
     if route == "auto":
-        route = config.choose_route(m, r)
+        route = config.choose_route(m, r, dropout)
     if route == "onepass":
-        cfg = config.onepass_config(m, n, r)
+        cfg = config.onepass_config(m, n, r, _elem(dot_dtype))
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _onepass_fwd_kernel[grid](
             y, z, x, weight,
@@ -169,13 +182,13 @@ def _backward_triton(dy, x, weight, a_w, b_w, z, scale, act, dropout_p, seed, ne
         gemm(dx, dy, weight, p2=dz, q2=a_w, seed=seed, dropout_p=dropout_p,
              drop=DROP_ACC2 if dropout else DROP_NONE, drop_ld=k, dot_dtype=dot_dtype)
     if need_w:
-        dw = gemm(torch.empty((n, k), **f32), dy.t(), x, dot_dtype=dot_dtype)
+        dw = gemm(torch.empty((n, k), **f32), dy.t(), x, dot_dtype=dot_dtype, allow_split_k=True)
     if need_aw:
         daw = gemm(torch.empty((r, k), **f32), dz.t(), x, seed=seed, dropout_p=dropout_p,
-                   drop=DROP_Q1 if dropout else DROP_NONE, drop_ld=k, dot_dtype=dot_dtype)
+                   drop=DROP_Q1 if dropout else DROP_NONE, drop_ld=k, dot_dtype=dot_dtype, allow_split_k=True)
     if need_bw:
         s = reference.activation(z, act)
-        dbw = gemm(torch.empty((n, r), **f32), dy.t(), s, alpha1=scale, dot_dtype=dot_dtype)
+        dbw = gemm(torch.empty((n, r), **f32), dy.t(), s, alpha1=scale, dot_dtype=dot_dtype, allow_split_k=True)
     return (
         dx, dw, dy32_sum if need_b else None, daw, dz.sum(0) if need_ab else None,
         dbw, scale * dy32_sum if need_bb else None,

@@ -43,22 +43,47 @@ def _bucket(m: int) -> int:
     return 1 << max(0, (max(m, 1) - 1).bit_length())
 
 
+# Shared memory a block may use for its pipelined tiles: H100/H200 allow 227 KiB; the
+# rest is left to the epilogue's layout conversions.
+SMEM_BUDGET = 160 * 1024
+
+
+def _fit(cfg: GemmConfig, elem: int, extra_cols: int = 0) -> GemmConfig:
+    """Shrink stages, then BLOCK_K, then BLOCK_N until the pipelined tiles fit SMEM_BUDGET.
+
+    ``elem`` is the dot operands' size in bytes (2 for fp16/bf16, 4 for fp32, 8 for fp64);
+    ``extra_cols`` counts columns loaded beside W in the K loop (the one-pass A tile).
+    """
+    def smem(c):
+        return c.num_stages * (c.block_m * c.block_k + c.block_k * (c.block_n + extra_cols)) * elem
+
+    while smem(cfg) > SMEM_BUDGET and cfg.num_stages > 2:
+        cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+    while smem(cfg) > SMEM_BUDGET and cfg.block_k > 16:
+        cfg = cfg._replace(block_k=cfg.block_k // 2)
+    while smem(cfg) > SMEM_BUDGET and cfg.block_n > 32:
+        cfg = cfg._replace(block_n=cfg.block_n // 2)
+    return cfg
+
+
 @functools.lru_cache(maxsize=None)
-def _gemm_config(m_bucket: int, n: int, interpret: bool) -> GemmConfig:
+def _gemm_config(m_bucket: int, n: int, elem: int, interpret: bool) -> GemmConfig:
     if interpret:  # fewer, larger programs run faster under numpy
         return GemmConfig(64, 64, 64, 4, 4, 1)
-    if m_bucket <= 16:
-        return GemmConfig(16, 128, 128, 1, 4, 4)
-    if m_bucket <= 64:
-        return GemmConfig(64, 128, 64, 4, 4, 4)
-    if n <= 64:
-        return GemmConfig(128, 64, 64, 8, 4, 4)
-    return GemmConfig(128, 128, 64, 8, 8, 3)
+    if m_bucket <= 16:  # decode: BLOCK_N 64 gives N/64 programs to stream W
+        cfg = GemmConfig(16, 64, 128, 1, 4, 4)
+    elif m_bucket <= 64:
+        cfg = GemmConfig(64, 128, 64, 4, 4, 4)
+    elif n <= 64:
+        cfg = GemmConfig(128, 64, 64, 8, 4, 4)
+    else:
+        cfg = GemmConfig(128, 128, 64, 8, 8, 3)
+    return _fit(cfg, elem)
 
 
-def gemm_config(m: int, n: int) -> GemmConfig:
-    """Block shape for an [m, n] output of ``_gemm_kernel``."""
-    return _gemm_config(_bucket(m), min(n, 128), interpreting())
+def gemm_config(m: int, n: int, elem: int = 2) -> GemmConfig:
+    """Block shape for an [m, n] output of ``_gemm_kernel`` with ``elem``-byte dot operands."""
+    return _gemm_config(_bucket(m), min(n, 128), elem, interpreting())
 
 
 def block_r(rank: int) -> int:
@@ -66,17 +91,16 @@ def block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def onepass_config(m: int, n: int, rank: int) -> GemmConfig:
-    """Block shape for the one-pass kernel: the base config, K tile shrunk for large R."""
-    cfg = gemm_config(m, n)
-    if block_r(rank) > 32 and not interpreting():
-        cfg = cfg._replace(block_k=min(cfg.block_k, 64))
-    return cfg
+def onepass_config(m: int, n: int, rank: int, elem: int = 2) -> GemmConfig:
+    """Block shape for the one-pass kernel: the base config, fitted with the A tile beside W."""
+    cfg = gemm_config(m, n, elem)
+    return cfg if interpreting() else _fit(cfg, elem, extra_cols=block_r(rank))
 
 
-def choose_route(m: int, rank: int) -> str:
-    """'onepass' or 'split' (see the module docstring for the reasoning)."""
-    if rank <= ONEPASS_MAX_RANK and m <= ONEPASS_MAX_M:
+def choose_route(m: int, rank: int, dropout: bool = False) -> str:
+    """'onepass' or 'split' (see the module docstring for the reasoning). Dropout takes the
+    split route: one-pass would draw the mask for every x element in every N tile."""
+    if rank <= ONEPASS_MAX_RANK and m <= ONEPASS_MAX_M and not dropout:
         return "onepass"
     return "split"
 
@@ -113,7 +137,7 @@ class MixedPlan(NamedTuple):
 MIXED_SORT_MIN_M = 64
 
 
-def mixed_plan(m: int, k: int, max_rank: int) -> MixedPlan:
+def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2) -> MixedPlan:
     """Launch plan of the mixed-adapter kernels.
 
     * Rows are sorted by slot (counting sort, the alignment op with block_m=1) above
@@ -131,4 +155,5 @@ def mixed_plan(m: int, k: int, max_rank: int) -> MixedPlan:
         return MixedPlan(sort_rows, 2 if k >= 64 and not sort_rows else 1, 32, 64, 32, br, 4, 1)
     split = 1 if sort_rows else max(1, min(8, k // 512))
     bm = 16 if m <= 16 else (64 if m <= 256 else 128)
-    return MixedPlan(sort_rows, split, bm, 128, 64, br, 4 if bm <= 64 else 8, 3)
+    cfg = _fit(GemmConfig(bm, 64 if m <= 16 else 128, 64, 8, 4 if bm <= 64 else 8, 3), elem)
+    return MixedPlan(sort_rows, split, bm, cfg.block_n, cfg.block_k, br, cfg.num_warps, cfg.num_stages)

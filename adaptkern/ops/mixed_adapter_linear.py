@@ -26,32 +26,40 @@ import triton
 from torch import Tensor
 
 from . import config, reference
-from .adapter_linear import _dot_dtype, acc_dtype, gemm, use_triton
-from .alignment import align_rows
+from .adapter_linear import _dot_dtype, _elem, _vectors, acc_dtype, gemm, use_triton
+from .alignment import align_rows, align_rows_reference
 from .mixed_kernels import _mixed_linear_kernel, _mixed_shrink_kernel, _segment_gemm_kernel
 
 
 def _sorted_rows(ids: Tensor, num_slots: int) -> Tensor:
-    """Row indices grouped by slot (slots 0..S-1, then base-only rows): a counting sort."""
-    return align_rows(ids, num_slots, 1).sorted_rows
+    """Row indices grouped by slot (slots 0..S-1, then base-only rows): a counting sort.
+
+    Under ``torch.use_deterministic_algorithms`` the stable PyTorch version runs, so that
+    backward's per-slot sums add rows in a fixed order (the CUDA op's order within a slot
+    follows its atomics).
+    """
+    align = align_rows_reference if torch.are_deterministic_algorithms_enabled() else align_rows
+    return align(ids, num_slots, 1).sorted_rows
 
 
 def _slot_offsets(ids: Tensor, num_slots: int) -> Tensor:
     """[S + 1] int32: slot s owns positions [offsets[s], offsets[s+1]) of the sorted rows."""
     counts = torch.zeros(num_slots + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, torch.where(ids < 0, num_slots, ids).long(), torch.ones_like(ids, dtype=torch.int32))
+    bins = torch.where((ids < 0) | (ids >= num_slots), num_slots, ids).long()  # out of range: base only
+    counts.scatter_add_(0, bins, torch.ones_like(ids, dtype=torch.int32))
     return torch.cat([counts.new_zeros(1), counts[:num_slots].cumsum(0, dtype=torch.int32)])
 
 
 def _shrink(x, a_view, ids, ranks, perm, plan, r):
     """Partials [SPLIT, M, R] of x_i·A_sᵀ; a_view [S, R, K] with any strides."""
     m, k = x.shape
+    s_count = a_view.shape[0]
     split = plan.split
     parts = torch.empty((split, m, r), dtype=acc_dtype(x.dtype), device=x.device)
     grid = (triton.cdiv(m, plan.block_m), split, triton.cdiv(r, plan.block_r))
     _mixed_shrink_kernel[grid](
         parts, x, a_view, ids, perm if perm is not None else ids, ranks if ranks is not None else ids,
-        m, k, r, triton.cdiv(triton.cdiv(k, split), plan.block_k) * plan.block_k,
+        m, k, r, s_count, triton.cdiv(triton.cdiv(k, split), plan.block_k) * plan.block_k,
         *x.stride(), *a_view.stride(),
         SORTED=perm is not None, HAS_RANKS=ranks is not None, **_dot_dtype(x.dtype),
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r,
@@ -66,20 +74,20 @@ def _linear(y, x, weight, bias, parts, a_bias, b_view, b_bias, scales, ranks, ac
     n = weight.shape[0]
     r = parts.shape[2]
     dummy = y
-    grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n))
+    grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n),)
     _mixed_linear_kernel[grid](
         y, z if z is not None else dummy, x, weight, bias if bias is not None else dummy, parts,
         a_bias if a_bias is not None else dummy, b_view, b_bias if b_bias is not None else dummy,
         scales if scales is not None else dummy, ranks if ranks is not None else ids,
         acts if acts is not None else ids, ids, perm if perm is not None else ids,
-        m, n, k, r, parts.shape[0],
+        m, n, k, r, b_view.shape[0], parts.shape[0],
         *y.stride(), *x.stride(), *weight.stride(),
         *(a_bias.stride() if a_bias is not None else (0, 0)), *b_view.stride(),
         *(b_bias.stride() if b_bias is not None else (0, 0)),
         SORTED=perm is not None, HAS_BIAS=bias is not None, HAS_AB=a_bias is not None, HAS_BB=b_bias is not None,
         HAS_SCALES=scales is not None, HAS_RANKS=ranks is not None, HAS_ACTS=acts is not None,
         STORE_Z=z is not None, **_dot_dtype(x.dtype),
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r, GROUP_M=8,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return y
@@ -89,7 +97,7 @@ def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
     """out[s] = scales[s]·Σ_{rows of s} p[row]ᵀ ⊗ q[row]: [S, P_COLS, Q_COLS], dots in ``dtype``."""
     pc, qc = p.shape[1], q.shape[1]
     out = torch.empty((num_slots, pc, qc), dtype=acc_dtype(dtype), device=p.device)
-    cfg = config.gemm_config(pc, qc)
+    cfg = config.gemm_config(pc, qc, _elem(_dot_dtype(dtype)))
     grid = (num_slots, triton.cdiv(pc, cfg.block_m), triton.cdiv(qc, cfg.block_n))
     _segment_gemm_kernel[grid](
         out, p, q, perm, offsets, scales if scales is not None else offsets, pc, qc,
@@ -101,13 +109,14 @@ def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
 
 
 def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z):
+    bias, scales, ranks, acts, ids = _vectors(bias, scales, ranks, acts, ids)
     m, k = x.shape
     s_count, r, _ = a_all.shape
     y = x.new_empty((m, weight.shape[0]))
     z = torch.zeros((m, r) if need_z else (0,), dtype=acc_dtype(x.dtype), device=x.device)
     if m == 0:
         return y, z
-    plan = config.mixed_plan(m, k, r)
+    plan = config.mixed_plan(m, k, r, _elem(_dot_dtype(x.dtype)))
     perm = _sorted_rows(ids, s_count) if plan.sort_rows else None
     parts = _shrink(x, a_all, ids, ranks, perm, plan, r)
     _linear(y, x, weight, bias, parts, a_bias, b_all, b_bias, scales, ranks, acts, ids, perm, plan,
@@ -128,15 +137,16 @@ def _per_row_activation(z, acts, ids, grad: bool):
 
 
 def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, z, needs):
+    scales, ranks, acts, ids = _vectors(scales, ranks, acts, ids)
     m, k = x.shape
     s_count, r, _ = a_all.shape
     need_x, need_w, need_b, need_aw, need_ab, need_bw, need_bb = needs
     acc = acc_dtype(x.dtype)
-    used = (ids >= 0)[:, None]
+    used = ((ids >= 0) & (ids < s_count))[:, None]
     slot = ids.clamp(min=0).long()
     perm = _sorted_rows(ids, s_count)
     offsets = _slot_offsets(ids, s_count)
-    plan = config.mixed_plan(m, max(k, weight.shape[0]), r)
+    plan = config.mixed_plan(m, max(k, weight.shape[0]), r, _elem(_dot_dtype(x.dtype)))
     dx = dw = daw = dab = dbw = dbb = None
     dz = None
     if need_x or need_aw or need_ab:
@@ -147,7 +157,8 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
         _linear(dx, dy, weight.t(), None, dz[None], None, a_all.transpose(1, 2), None, None, ranks, None, ids,
                 perm if plan.sort_rows else None, plan)
     if need_w:
-        dw = gemm(torch.empty(weight.shape, dtype=acc, device=x.device), dy.t(), x, dot_dtype=_dot_dtype(x.dtype))
+        dw = gemm(torch.empty(weight.shape, dtype=acc, device=x.device), dy.t(), x, dot_dtype=_dot_dtype(x.dtype),
+                  allow_split_k=True)
     if need_aw:
         daw = _segment_gemm(dz, x, perm, offsets, None, s_count, x.dtype)
     if need_ab:

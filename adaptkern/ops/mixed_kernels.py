@@ -9,8 +9,9 @@ Three kernels, each iterating, inside a block of rows, over the slots present in
 that use that slot and rows of other slots receive an exact zero:
 
 * ``_mixed_shrink_kernel``: ``P[split] = x·A_sᵀ`` over one K range per split (partials are
-  reduced in a fixed order by the consumer: no atomics, so results are bitwise
-  reproducible and batch invariant).
+  reduced in a fixed order by the consumer: no atomics, so the forward is bitwise
+  reproducible and batch invariant; backward's per-slot sums follow the row sort, which
+  the CUDA alignment op does not keep stable).
 * ``_mixed_linear_kernel``: ``y = x·Wᵀ + b`` on a row block, then per present slot
   ``z = ΣP + a_s`` → ``f_s`` → ``·B_sᵀ`` in the epilogue; y is written once.
 * ``_segment_gemm_kernel``: per-slot reductions over that slot's rows for backward
@@ -25,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act
+from .triton_kernels import _act, _tile_ids
 
 NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)  # "no further slot" sentinel of _next_slot
 
@@ -48,15 +49,20 @@ def _act_by_code(z, code):
 
 
 @triton.jit
-def _block_rows(perm_ptr, ids_ptr, M, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
-    """Rows of this program's block (through the permutation when SORTED) and their slots."""
-    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
+    """Rows of block ``pid_m`` (through the permutation when SORTED) and their slots.
+
+    Ids outside [0, S) count as -1 (base only): the host validates ids in eager mode, and
+    under torch.compile or graph capture, where it cannot, nothing is read out of bounds.
+    """
+    j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = j < M
     rows = j
     if SORTED:
         rows = tl.load(perm_ptr + j, mask=ok, other=0)
     slots = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
-    return rows, ok, slots
+    slots = tl.where((slots >= 0) & (slots < S), slots, -1)
+    return rows.to(tl.int64), ok, slots
 
 
 @triton.jit
@@ -67,13 +73,13 @@ def _mixed_shrink_kernel(
     ids_ptr,  # [M] int32/int64, -1 = base only
     perm_ptr,  # [M] int32 rows sorted by slot (SORTED)
     ranks_ptr,  # [S] int32 (HAS_RANKS)
-    M, K, R, k_per_split,
+    M, K, R, S, k_per_split,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak,
     SORTED: tl.constexpr, HAS_RANKS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rows, ok, slots = _block_rows(perm_ptr, ids_ptr, M, BLOCK_M, SORTED)
+    rows, ok, slots = _block_rows(tl.program_id(0), perm_ptr, ids_ptr, M, S, BLOCK_M, SORTED)
     split = tl.program_id(1)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
@@ -88,7 +94,8 @@ def _mixed_shrink_kernel(
             rank = tl.load(ranks_ptr + s)
         r_ok = rr < rank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_end = tl.where(tl.program_id(2) * BLOCK_R < rank, k_hi, k_lo)  # rank tile past the slot's rank: skip
+        for k0 in range(k_lo, k_end, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
             x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -117,16 +124,17 @@ def _mixed_linear_kernel(
     acts_ptr,  # [S] int32 activation codes
     ids_ptr,  # [M]
     perm_ptr,  # [M] int32 (SORTED)
-    M, N, K, R, SPLIT,
+    M, N, K, R, S, SPLIT,
     stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
     stride_abs, stride_abr, stride_bs, stride_bn, stride_br, stride_bbs, stride_bbn,
     SORTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, HAS_BB: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_ACTS: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    rows, ok, slots = _block_rows(perm_ptr, ids_ptr, M, BLOCK_M, SORTED)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, ok, slots = _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M, SORTED)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
@@ -170,7 +178,10 @@ def _mixed_linear_kernel(
                 z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
             bt = tl.load(b_ptr + s64 * stride_bs + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                          mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-            acc = tl.dot((z * scale).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
+            # scale must not reach rows of other slots through 0·inf.
+            acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
+                                                         input_precision=PRECISION, out_dtype=ACC), 0.0)
         if HAS_BB:
             bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
             acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)

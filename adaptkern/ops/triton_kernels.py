@@ -117,7 +117,7 @@ def _onepass_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M·N may pass 2³¹
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
@@ -151,10 +151,11 @@ def _onepass_fwd_kernel(
         if pid_n == 0:
             tl.store(z_ptr + rm[:, None] * stride_zm + rr[None, :] * stride_zr, acc_z,
                      mask=m_ok[:, None] & r_ok[None, :])
-    s = (_act(acc_z, ACT) * scale).to(DOT_DTYPE)
     bt = tl.load(bw_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                  mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-    acc = tl.dot(s, bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    # f(z)·Bᵀ in its own accumulator, scaled in ACC: scale·f(z) rounded to fp16 could overflow.
+    acc += scale * tl.dot(_act(acc_z, ACT).to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION,
+                          out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     if HAS_BB:
@@ -185,9 +186,10 @@ def _gemm_kernel(
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M·N may pass 2³¹
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rk = rk.to(tl.int64)  # K1 may count tokens (dW = dYᵀ·x): row offsets past 2³¹
     m_ok = rm < M
     n_ok = rn < N
     seed = 0
