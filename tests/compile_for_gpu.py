@@ -69,8 +69,8 @@ def variants():
                 DROP=drop, SPLIT_K=split, **acc, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8
     yield "segment_gemm", MK._segment_gemm_kernel, dict(
         out_ptr="*fp32", p_ptr="*fp32", q_ptr="*bf16", perm_ptr="*i32", offsets_ptr="*i32", scales_ptr="*fp32"), dict(
-        HAS_SCALES=True, DOT_DTYPE=tl.bfloat16, ACC=tl.float32, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64,
-        BLOCK_K=64), 4
+        HAS_SCALES=True, SPLIT=4, DOT_DTYPE=tl.bfloat16, ACC=tl.float32, PRECISION="tf32", BLOCK_M=64,
+        BLOCK_N=64, BLOCK_K=64), 4
     yield "dropout_mask", K._dropout_mask_kernel, dict(out_ptr="*i8", seed_ptr="*i64"), dict(BLOCK=1024), 4
 
 

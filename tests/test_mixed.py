@@ -400,3 +400,23 @@ def test_out_of_range_ids_without_validation_are_base_only(device):
     y = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=scales, validate_ids=False)
     clean = torch.where((ids >= 0) & (ids < 5), ids, -1)
     assert torch.equal(y, adaptkern.mixed_lora_linear(x, w, bias, a, b, clean, scales=scales))
+
+
+def test_one_slot_over_many_rows_splits_its_reduction(device):
+    """dA/dB of a slot used by every row split its rows across programs (atomics); deterministic mode stores."""
+    x, w, bias, a, b, scales = _setup(m=300, k=24, n=20, s=2, r=4, device=device)
+    assert device == "cuda" or config.split_k(2, 300, config.gemm_config(4, 24).block_k, torch.device("cpu")) > 1
+    ids = torch.ones(300, dtype=torch.int32, device=device)
+    gy = torch.randn(300, 20, generator=torch.Generator().manual_seed(9))
+    oracle_g = _oracle(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), scales.cpu(), None, ids.cpu(), gy)[1]
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+            y = adaptkern.mixed_lora_linear(leaves[0], w, bias, leaves[1], leaves[2], ids, scales=scales)
+            grads = torch.autograd.grad(y, leaves, gy.to(device))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for name, g, og in zip(("dx", "dlora_a", "dlora_b"), grads, oracle_g):
+            assert_close_to_ref(name, g.cpu(), og)
+        assert not grads[1][0].any() and not grads[2][0].any()

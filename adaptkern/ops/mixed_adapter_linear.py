@@ -94,14 +94,21 @@ def _linear(y, x, weight, bias, parts, a_bias, b_view, b_bias, scales, ranks, ac
 
 
 def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
-    """out[s] = scales[s]·Σ_{rows of s} p[row]ᵀ ⊗ q[row]: [S, P_COLS, Q_COLS], dots in ``dtype``."""
+    """out[s] = scales[s]·Σ_{rows of s} p[row]ᵀ ⊗ q[row]: [S, P_COLS, Q_COLS], dots in ``dtype``.
+
+    A slot's rows are split across programs (fp32 atomics) when S × tiles leaves the GPU
+    idle, e.g. one slot over 8192 rows; never under deterministic algorithms.
+    """
     pc, qc = p.shape[1], q.shape[1]
-    out = torch.empty((num_slots, pc, qc), dtype=acc_dtype(dtype), device=p.device)
     cfg = config.gemm_config(pc, qc, _elem(_dot_dtype(dtype)))
-    grid = (num_slots, triton.cdiv(pc, cfg.block_m), triton.cdiv(qc, cfg.block_n))
+    tiles = triton.cdiv(pc, cfg.block_m) * triton.cdiv(qc, cfg.block_n)
+    split = config.split_k(num_slots * tiles, p.shape[0] // num_slots, cfg.block_k, p.device)
+    alloc = torch.zeros if split > 1 else torch.empty
+    out = alloc((num_slots, pc, qc), dtype=acc_dtype(dtype), device=p.device)
+    grid = (num_slots * split, triton.cdiv(pc, cfg.block_m), triton.cdiv(qc, cfg.block_n))
     _segment_gemm_kernel[grid](
         out, p, q, perm, offsets, scales if scales is not None else offsets, pc, qc,
-        *p.stride(), *q.stride(), HAS_SCALES=scales is not None, **_dot_dtype(dtype),
+        *p.stride(), *q.stride(), HAS_SCALES=scales is not None, SPLIT=split, **_dot_dtype(dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -201,10 +201,13 @@ def _segment_gemm_kernel(
     scales_ptr,  # [S] fp32 (HAS_SCALES)
     P_COLS, Q_COLS,
     stride_pm, stride_pc, stride_qm, stride_qc,
-    HAS_SCALES: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALES: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    s = tl.program_id(0)
+    # SPLIT programs share a slot's rows (row blocks part, part + SPLIT, ...) and add their
+    # sums atomically into the zero-filled output; SPLIT = 1 stores (deterministic).
+    s = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
     ri = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     rt = tl.arange(0, BLOCK_K)
@@ -213,9 +216,9 @@ def _segment_gemm_kernel(
     lo = tl.load(offsets_ptr + s)
     hi = tl.load(offsets_ptr + s + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for t0 in range(lo, hi, BLOCK_K):
+    for t0 in range(lo + part * BLOCK_K, hi, BLOCK_K * SPLIT):
         t_ok = (t0 + rt) < hi
-        rows = tl.load(perm_ptr + t0 + rt, mask=t_ok, other=0)
+        rows = tl.load(perm_ptr + t0 + rt, mask=t_ok, other=0).to(tl.int64)
         pt = tl.load(p_ptr + rows[None, :] * stride_pm + ri[:, None] * stride_pc,
                      mask=i_ok[:, None] & t_ok[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + rj[None, :] * stride_qc,
@@ -223,5 +226,8 @@ def _segment_gemm_kernel(
         acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_SCALES:
         acc = acc * tl.load(scales_ptr + s)
-    tl.store(out_ptr + s.to(tl.int64) * P_COLS * Q_COLS + ri[:, None] * Q_COLS + rj[None, :], acc,
-             mask=i_ok[:, None] & j_ok[None, :])
+    out_ptrs = out_ptr + s.to(tl.int64) * P_COLS * Q_COLS + ri[:, None] * Q_COLS + rj[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(out_ptrs, acc, mask=i_ok[:, None] & j_ok[None, :])
+    else:
+        tl.store(out_ptrs, acc, mask=i_ok[:, None] & j_ok[None, :])
