@@ -1,8 +1,10 @@
-"""The ``adaptkern`` command: ``bench``, ``check`` and ``info``.
+"""The ``adaptkern`` command: ``bench``, ``check``, ``info`` and ``tune``.
 
     adaptkern bench [--suite core|mixed|all] [--quick] [--out DIR]   check, then time; table + results file
     adaptkern check                                                  correctness sweep against float64
     adaptkern info                                                   versions, device, execution path
+    adaptkern tune [--kernels gemm,onepass,mixed,route] [--quick] [--out FILE]
+                                                                     per-GPU config table (CUDA only)
 
 On a machine without a GPU the fused ops run the PyTorch reference (or, with
 ``TRITON_INTERPRET=1``, the Triton kernels in the interpreter); ``bench`` then runs tiny
@@ -65,8 +67,21 @@ def cmd_bench(args) -> int:
                      filter=args.filter, rep_ms=args.rep_ms, plot=not args.no_plot, cuda_graph=args.cuda_graph)
 
 
+def cmd_tune(args) -> int:
+    from adaptkern.bench.tune import KERNELS, run_tune
+
+    kernels = [v.strip() for v in args.kernels.split(",") if v.strip()] if args.kernels else list(KERNELS)
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        print(f"adaptkern tune: unknown kernel(s) {', '.join(unknown)}; expected some of {','.join(KERNELS)}",
+              file=sys.stderr)
+        return 2
+    return run_tune(kernels, quick=args.quick, out=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaptkern", description="adaptkern: fused adapter kernels — bench, check, info")
+    p = argparse.ArgumentParser(prog="adaptkern",
+                                description="adaptkern: fused adapter kernels — bench, check, info, tune")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="check correctness, then time fused vs baselines; write <out>/<gpu>.json + plot",
@@ -93,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, device, and whether kernels or the reference run")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("tune", help="measure launch configs on this CUDA GPU; write the per-GPU config table",
+                       description="For each kernel, shape (K=4096, N in {4096, 14336}, ranks 16/64/256) and M, "
+                                   "check then time a small set of launch configs and the current heuristic; write "
+                                   "adaptkern/ops/configs/<gpu>.json (see that folder's README.md). Needs CUDA: "
+                                   "exits 2 without it.")
+    t.add_argument("--kernels", default=None,
+                   help="comma-separated subset of gemm,onepass,mixed,route (default: all; route is measured last, "
+                        "with the configs just tuned)")
+    t.add_argument("--quick", action="store_true",
+                   help="fewer M, N=4096 and r=16 only, no second search step (estimated ~1.5 min on an H100)")
+    t.add_argument("--out", default=None,
+                   help="table file to write (default: adaptkern/ops/configs/<gpu>.json, the file lookups read); "
+                        "sections for kernels not tuned in this run are kept from an existing file of the same GPU")
+    t.set_defaults(func=cmd_tune)
     return p
 
 

@@ -92,7 +92,7 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
     k2 = p2.shape[1] if p2 is not None else 0
     if m == 0 or n == 0:
         return out
-    cfg = config.gemm_config(m, n, _elem(dot_dtype))
+    cfg = config.gemm_config(m, n, _elem(dot_dtype), device=out.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits = 1
     if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
@@ -133,9 +133,9 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
     dropout = dropout_p > 0.0
     dot_dtype = _dot_dtype(x.dtype)
     if route == "auto":
-        route = config.choose_route(m, r, dropout)
+        route = config.choose_route(m, r, dropout, n=n, device=x.device)
     if route == "onepass":
-        cfg = config.onepass_config(m, n, r, _elem(dot_dtype))
+        cfg = config.onepass_config(m, n, r, _elem(dot_dtype), device=x.device)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _onepass_fwd_kernel[grid](
             y, z, x, weight,

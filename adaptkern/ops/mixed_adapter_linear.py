@@ -123,7 +123,7 @@ def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks
     z = torch.zeros((m, r) if need_z else (0,), dtype=acc_dtype(x.dtype), device=x.device)
     if m == 0:
         return y, z
-    plan = config.mixed_plan(m, k, r, _elem(_dot_dtype(x.dtype)))
+    plan = config.mixed_plan(m, k, r, _elem(_dot_dtype(x.dtype)), device=x.device)
     perm = _sorted_rows(ids, s_count) if plan.sort_rows else None
     parts = _shrink(x, a_all, ids, ranks, perm, plan, r)
     _linear(y, x, weight, bias, parts, a_bias, b_all, b_bias, scales, ranks, acts, ids, perm, plan,
@@ -153,7 +153,7 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
     slot = ids.clamp(min=0).long()
     perm = _sorted_rows(ids, s_count)
     offsets = _slot_offsets(ids, s_count)
-    plan = config.mixed_plan(m, max(k, weight.shape[0]), r, _elem(_dot_dtype(x.dtype)))
+    plan = config.mixed_plan(m, max(k, weight.shape[0]), r, _elem(_dot_dtype(x.dtype)), device=x.device)
     dx = dw = daw = dab = dbw = dbb = None
     dz = None
     if need_x or need_aw or need_ab:

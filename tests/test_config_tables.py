@@ -1,0 +1,389 @@
+"""Per-GPU config tables (adaptkern/ops/configs): nearest-M lookup, fallbacks to the heuristic,
+the shared-memory fit, schema errors, the shipped tables, and ``adaptkern tune`` without CUDA.
+
+The lookup runs on a CPU here: a fake table in tmp_path, the GPU name faked ("fakegpu"), and
+the interpreter switched off for config.py alone (no kernel runs in these tests, except in
+``test_launchers_pass_the_device``, which leaves the interpreter on).
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import adaptkern
+from adaptkern import cli
+from adaptkern.bench import tune
+from adaptkern.ops import config
+
+REPO = Path(__file__).resolve().parents[1]
+GPU = "cuda:0"  # a device object only: nothing touches CUDA (the slug is faked)
+MS = (1, 16, 64, 256, 1024, 2048, 4096, 8192)
+
+
+def _gemm_entry(**kw):
+    e = {"block_m": 16, "block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 2}
+    e.update(kw)
+    return e
+
+
+def _table(**sections):
+    return {"version": 1, "elem": 2, "env": {"gpu": "Fake GPU"}, **sections}
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """Write ``fakegpu.json`` with ``write(data)``; lookups on "cuda:0" read it, interpreter off."""
+    monkeypatch.setattr(config, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(config, "_device_slug", lambda index: "fakegpu")
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    config.clear_caches()
+
+    def write(data, raw=None):
+        path = tmp_path / "fakegpu.json"
+        path.write_text(raw if raw is not None else json.dumps(data))
+        config.clear_caches()
+        return path
+
+    yield write
+    config.clear_caches()
+
+
+def _heuristic_gemm(m, n, elem=2):
+    return config.gemm_config(m, n, elem)  # device=None: never a table
+
+
+# -- nearest M ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m, want", [
+    (0, 1), (1, 1), (2, 1), (4, 1),  # 4 is 2 octaves from 1 and from 16: tie -> the smaller
+    (5, 16), (16, 16), (32, 16),  # 32: tie between 16 and 64
+    (33, 64), (128, 64), (129, 256),  # 128: tie between 64 and 256
+    (1500, 2048), (1448, 1024), (2896, 2048), (2897, 4096),  # 2896² < 2048·4096 < 2897²
+    (8192, 8192), (100000, 8192),
+])
+def test_nearest_m_in_log2_distance_ties_to_smaller(m, want):
+    assert MS[config.nearest_m(MS, m)] == want
+    # the same by floating-point log2 distance (where it is not a tie)
+    import math
+    dist = [abs(math.log2(max(m, 1)) - math.log2(v)) for v in MS]
+    best = min(dist)
+    assert want == min(v for v, d in zip(MS, dist) if abs(d - best) < 1e-12)
+
+
+def test_gemm_lookup_takes_the_nearest_measured_m(tables):
+    # group_m tells the entries apart (the shared-memory fit never changes it)
+    tables(_table(gemm={"N=4096": {str(m): _gemm_entry(group_m=i + 1) for i, m in enumerate((1, 16, 256, 4096))}}))
+    got = {m: config.gemm_config(m, 4096, device=GPU).group_m for m in (1, 3, 4, 5, 16, 63, 64, 65, 1024, 1025, 9000)}
+    assert got == {1: 1, 3: 1, 4: 1, 5: 2, 16: 2, 63: 2, 64: 2, 65: 3, 1024: 3, 1025: 4, 9000: 4}
+    # N is bucketed to the next power of two: 3000 and 4096 share "N=4096"
+    assert config.gemm_config(16, 3000, device=GPU).group_m == 2
+    assert config.gemm_config(16, 4096, device=torch.device("cuda", 0)).group_m == 2
+
+
+def test_every_kernel_reads_its_section(tables):
+    tables(_table(
+        onepass={"N=16384,R=16": {"64": _gemm_entry(block_m=64, block_n=128, group_m=3)}},
+        mixed={"K=4096,R=64": {"16": {"block_m": 16, "block_n": 256, "block_k": 32, "num_warps": 8,
+                                      "num_stages": 4, "split": 2}},
+               "K=4096,R=16": {"16": {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4,
+                                      "num_stages": 3}}},
+        route={"N=4096,R=16": {"1": {"route": "split"}, "8192": {"route": "onepass"}}},
+    ))
+    assert config.onepass_config(64, 14336, 8, device=GPU) == config.GemmConfig(64, 128, 64, 3, 4, 2)
+    plan = config.mixed_plan(16, 4096, 40, device=GPU)  # rank 40 -> R=64
+    assert (plan.block_m, plan.block_n, plan.block_k, plan.num_warps, plan.num_stages, plan.split) == \
+        (16, 256, 32, 8, 4, 2)
+    assert plan.block_r == 64 and plan.sort_rows is False  # the heuristic's
+    plan = config.mixed_plan(16, 4096, 16, device=GPU)  # no split in the entry: the heuristic's
+    assert plan.split == config.mixed_plan(16, 4096, 16).split and plan.block_m == 64
+    # the table's route, against the heuristic's (onepass at M=1, split at M=8192)
+    assert config.choose_route(1, 16, n=4096, device=GPU) == "split"
+    assert config.choose_route(8192, 16, n=4096, device=GPU) == "onepass"
+    assert config.choose_route(8192, 16, True, n=4096, device=GPU) == "split"  # dropout: always split
+    assert config.choose_route(8192, 16, device=GPU) == "split"  # no n: heuristic
+    assert config.choose_route(8192, 100, n=4096, device=GPU) == "split"  # rank > 64: always split
+
+
+# -- fallbacks ---------------------------------------------------------------------------------
+
+
+def test_fallbacks_to_the_heuristic(tables, monkeypatch):
+    heur = {m: _heuristic_gemm(m, 4096) for m in (1, 64, 8192)}
+    # no file for this GPU
+    for m, cfg in heur.items():
+        assert config.gemm_config(m, 4096, device=GPU) == cfg
+    assert config.choose_route(8192, 16, n=4096, device=GPU) == "split"
+    tables(_table(gemm={"N=4096": {"1": _gemm_entry(group_m=5)}}))
+    assert config.gemm_config(8192, 4096, device=GPU).group_m == 5  # the table is in use ...
+    assert config.gemm_config(8192, 8192, device=GPU) == _heuristic_gemm(8192, 8192)  # ... shape missing
+    assert config.gemm_config(8192, 4096, 4, device=GPU) == _heuristic_gemm(8192, 4096, 4)  # tuned for elem 2
+    assert config.onepass_config(64, 4096, 16, device=GPU) == config.onepass_config(64, 4096, 16)  # kernel missing
+    assert config.mixed_plan(64, 4096, 16, device=GPU) == config.mixed_plan(64, 4096, 16)
+    assert config.choose_route(1, 16, n=4096, device=GPU) == "onepass"
+    assert config.gemm_config(8192, 4096, device=None) == heur[8192]  # no device
+    assert config.gemm_config(8192, 4096, device="cpu") == heur[8192]  # not CUDA
+    # under the interpreter: the interpreter's heuristic, whatever the table says
+    monkeypatch.setattr(config, "interpreting", lambda: True)
+    config.clear_caches()
+    interp = config.GemmConfig(64, 64, 64, 4, 4, 1)
+    assert config.gemm_config(8192, 4096, device=GPU) == interp
+    assert config.onepass_config(8192, 4096, 16, device=GPU) == interp
+
+
+def test_lookups_are_cached_no_file_io_per_call(tables, monkeypatch):
+    path = tables(_table(gemm={"N=4096": {"16": _gemm_entry(group_m=7)}}))
+    assert config.gemm_config(16, 4096, device=GPU).group_m == 7
+    path.unlink()
+
+    def no_io(*a, **k):
+        raise AssertionError("a lookup read a file")
+
+    monkeypatch.setattr(Path, "read_text", no_io)
+    monkeypatch.setattr(Path, "is_file", no_io)
+    for m in (1, 3, 100, 5000):  # new M values: cached table, no file access
+        assert config.gemm_config(m, 4096, device=GPU).group_m == 7
+
+
+def test_table_override_is_a_loader_hook(tables):
+    tables(_table(gemm={"N=4096": {"16": _gemm_entry(group_m=7)}}))
+    with config.table_override(_table(gemm={"N=4096": {"16": _gemm_entry(group_m=9)}})):
+        assert config.gemm_config(16, 4096, device=GPU).group_m == 9
+        with config.table_override({"version": 1, "elem": 2}):  # empty: the heuristic
+            assert config.gemm_config(16, 4096, device=GPU) == _heuristic_gemm(16, 4096)
+        assert config.gemm_config(16, 4096, device=GPU).group_m == 9
+    assert config.gemm_config(16, 4096, device=GPU).group_m == 7
+
+
+# -- the shared-memory fit ---------------------------------------------------------------------
+
+
+def test_table_entry_too_big_for_shared_memory_is_shrunk_by_fit(tables):
+    big = _gemm_entry(block_m=256, block_n=256, block_k=256, num_warps=8, num_stages=8)
+    tables(_table(gemm={"N=4096": {"64": big}}, onepass={"N=4096,R=64": {"64": big}}))
+    raw = config.GemmConfig(256, 256, 256, 8, 8, 8)
+    assert config._smem(raw, 2) > config.SMEM_BUDGET
+    cfg = config.gemm_config(64, 4096, device=GPU)
+    assert cfg == config._fit(raw, 2) and cfg != raw
+    assert config._smem(cfg, 2) <= config.SMEM_BUDGET
+    one = config.onepass_config(64, 4096, 64, device=GPU)
+    assert one == config._fit(raw, 2, extra_cols=64)
+    assert config._smem(one, 2, extra_cols=64) <= config.SMEM_BUDGET
+
+
+def test_fit_always_reaches_the_budget_within_the_schema_bounds():
+    """Every entry the schema admits fits after _fit, for every operand size and rank tile."""
+    sizes = (16, 32, 64, 128, 256)
+    for bm, bn, bk, stages in itertools.product(sizes, sizes, sizes, range(1, 9)):
+        raw = config.GemmConfig(bm, bn, bk, 8, 8, stages)
+        for elem, extra in itertools.product((2, 4, 8), (0, 16, 64, 128)):
+            assert config._smem(config._fit(raw, elem, extra), elem, extra) <= config.SMEM_BUDGET, (raw, elem, extra)
+
+
+# -- schema errors -----------------------------------------------------------------------------
+
+
+def _gemm(entry, shape="N=4096", m="16"):
+    return _table(gemm={shape: {m: entry}})
+
+
+@pytest.mark.parametrize("data, raw, field, message", [
+    (None, "{not json", "line 1 column 2", "not valid JSON"),
+    ([], None, "top level", "must be an object"),
+    ({"elem": 2}, None, "version", "must be 1"),
+    ({"version": 1}, None, "elem", "dot operand size"),
+    ({**_table(), "gemms": {}}, None, "gemms", "unknown top-level field"),
+    (_gemm(_gemm_entry(block_k=48)), None, "gemm['N=4096']['16'].block_k", "power of two, got 48"),
+    (_gemm(_gemm_entry(block_m=8)), None, "gemm['N=4096']['16'].block_m", "in [16, 256], got 8"),
+    (_gemm(_gemm_entry(num_stages="3")), None, "gemm['N=4096']['16'].num_stages", "integer"),
+    (_gemm({k: v for k, v in _gemm_entry().items() if k != "num_warps"}), None,
+     "gemm['N=4096']['16'].num_warps", "missing"),
+    (_gemm({**_gemm_entry(), "num_warp": 4}), None, "gemm['N=4096']['16'].num_warp", "unknown field"),
+    (_gemm(_gemm_entry(), shape="N=4000"), None, "gemm['N=4000']", "not a bucket"),
+    (_gemm(_gemm_entry(), shape="4096"), None, "gemm['4096']", "shape key must look like 'N=4096'"),
+    (_gemm(_gemm_entry(), m="M16"), None, "gemm['N=4096']['M16']", "M keys must be positive integers"),
+    (_gemm([16, 64]), None, "gemm['N=4096']['16']", "entry must be an object"),
+    (_table(gemm={"N=4096": {}}), None, "gemm['N=4096']", "non-empty"),
+    (_table(route={"N=4096,R=16": {"1": {"route": "fused"}}}), None, "route['N=4096,R=16']['1'].route",
+     "one of ('onepass', 'split')"),
+    (_table(route={"N=4096,R=128": {"1": {"route": "onepass"}}}), None, "route['N=4096,R=128']",
+     "always take the split route"),
+    (_table(mixed={"K=4096,R=16": {"1": {**_gemm_entry(), "split": 0}}}), None,
+     "mixed['K=4096,R=16']['1']", "group_m"),  # group_m is not a mixed field
+], ids=lambda v: None)
+def test_malformed_table_raises_naming_file_and_field(tables, data, raw, field, message):
+    path = tables(data, raw)
+    with pytest.raises(ValueError) as info:
+        config.gemm_config(16, 4096, device=GPU)
+    text = str(info.value)
+    assert str(path) in text and field in text and message in text, text
+
+
+def test_parse_table_accepts_what_the_tuner_writes():
+    """format_table's output (one line per M) parses back to the same data and validates."""
+    data = _table(
+        gemm={"N=16384": {"8192": {**_gemm_entry(), "ms": 1.5, "heuristic_ms": 1.6, "candidates": 12,
+                                   "heuristic": _gemm_entry()}},
+              "N=4096": {"1": _gemm_entry(), "16": _gemm_entry()}},
+        mixed={"K=4096,R=256": {"64": {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4,
+                                       "num_stages": 3, "split": 8}}},
+        route={"N=4096,R=16": {"1": {"route": "onepass", "ms": 0.1, "heuristic_ms": 0.1, "heuristic": "onepass",
+                                     "onepass_ms": 0.1, "split_ms": None}}},
+    )
+    text = tune.format_table(data)
+    assert json.loads(text) == data
+    table = config.parse_table(json.loads(text), "x.json")
+    assert table.kernels["gemm"]["N=4096"][0] == (1, 16)
+    assert '   "8192": {"block_m"' in text  # one line per entry
+
+
+def test_shipped_tables_are_valid():
+    """Every table in adaptkern/ops/configs loads (none exists yet: the README says so)."""
+    folder = REPO / "adaptkern" / "ops" / "configs"
+    assert (folder / "README.md").is_file() and (folder / "NOTES.md").is_file()
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        config.parse_table(data, str(path))
+        assert data["env"]["gpu"], path
+        assert path.stem == data["env"].get("slug", path.stem), path
+
+
+# -- the launchers pass the device -------------------------------------------------------------
+
+
+def test_launchers_pass_the_device(monkeypatch):
+    """The launchers hand config their tensor's device (and the route its N), so a table can apply."""
+    calls = []
+    for name in ("gemm_config", "onepass_config", "mixed_plan", "choose_route"):
+        real = getattr(config, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(config, name, spy)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=gen, requires_grad=True)
+    w, a, b = torch.randn(24, 32, generator=gen), torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen)
+    adaptkern.lora_linear(x, w, None, a, b, scale=1.0).sum().backward()
+    adaptkern.lora_linear(x, w, None, a, b, scale=1.0, route="split")
+    adaptkern.mixed_lora_linear(x, w, None, a[None], b[None], torch.zeros(5, dtype=torch.int32),
+                                scales=torch.ones(1)).sum().backward()
+    seen = {name for name, _ in calls}
+    if config.interpreting():  # the kernels ran (else the reference did, and nothing was looked up)
+        assert seen == {"gemm_config", "onepass_config", "mixed_plan", "choose_route"}, seen
+    for name, kwargs in calls:
+        if name == "gemm_config" and "device" not in kwargs:
+            continue  # the mixed backward's segment GEMM: a kernel no table covers
+        assert kwargs.get("device") == x.device, (name, kwargs)
+        if name == "choose_route":
+            assert kwargs.get("n") == 24
+
+
+# -- adaptkern tune ----------------------------------------------------------------------------
+
+
+def test_tune_without_cuda_exits_2_with_a_clear_message(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "t.json"
+    assert cli.main(["tune", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "Nothing was written" in err
+    assert not out.exists()
+    assert cli.main(["tune", "--kernels", "gemm,bogus"]) == 2
+    assert "unknown kernel(s) bogus" in capsys.readouterr().err
+
+
+def test_tune_command_exit_status_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "adaptkern.cli", "tune", "--out", str(tmp_path / "t.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "adaptkern tune needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+class _FakeTimer:
+    """Times a call by the config the lookup hands out (no kernel runs): bigger tiles are faster."""
+
+    def __init__(self, p, overrides=None):
+        self.p, self.overrides = p, overrides or {}
+
+    def __call__(self, fn, memory=True):
+        fn()
+        c = config.gemm_config(self.p.m, self.p.n, 2, device=GPU)
+        ms = self.overrides.get(c, 2.0**41 * (1 + 0.1 * c.num_stages) / (c.block_m**3 * c.block_n**2 * c.block_k))
+        return type("T", (), {"median_ms": ms})()
+
+    def release(self):
+        pass
+
+
+def _fake_tuner(monkeypatch, p, wrong, overrides=None):
+    """A Tuner on a fake GPU whose kernel is 'wrong' (output off by 50 %) for configs ``wrong`` picks."""
+    ref = torch.ones(4, 4)
+
+    def fn():
+        return ref * (1.5 if wrong(config.gemm_config(p.m, p.n, 2, device=GPU)) else 1.0)
+
+    monkeypatch.setattr(tune, "_problem", lambda point, device: tune.Problem(fn, ref, ref))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    logs = []
+    tuner = tune.Tuner(torch.device(GPU), quick=False, log=logs.append)
+    tuner.timer = _FakeTimer(p, overrides)
+    return tuner, logs
+
+
+def test_tuner_never_keeps_a_wrong_config_and_keeps_the_fastest(tables, monkeypatch):
+    p = tune.Point("gemm", 1024, 4096, 16)
+    tuner, logs = _fake_tuner(monkeypatch, p, wrong=lambda c: c.block_n == 256)
+    entry = tuner.tune_point(p)
+    right = [e for e in tune.stage1(p, False) if e["block_n"] != 256]
+    fastest = max(right, key=lambda e: e["block_m"]**3 * e["block_n"]**2 * e["block_k"])
+    assert {k: entry[k] for k in ("block_m", "block_n", "block_k")} == \
+        {k: fastest[k] for k in ("block_m", "block_n", "block_k")}
+    assert entry["num_stages"] == 2  # step 2 found the (fake) cheaper stage count
+    assert tuner.rejected == sum(e["block_n"] == 256 for e in tune.stage1(p, False))
+    assert any("WRONG" in line for line in logs)
+    assert entry["heuristic_ms"] > entry["ms"] and entry["heuristic"] == tune.heuristic_entry(p)
+    config.parse_table(tune._one_entry_table(p, entry), "entry")
+
+
+def test_tuner_keeps_the_heuristic_unless_a_candidate_wins_by_min_gain(tables, monkeypatch):
+    p = tune.Point("gemm", 1024, 4096, 16)
+    heur = config.GemmConfig(**tune.heuristic_entry(p))
+    # every candidate 1 % faster than the heuristic: within MIN_GAIN, the heuristic stays
+    tuner, _ = _fake_tuner(monkeypatch, p, wrong=lambda c: False)
+    tuner.timer.overrides = type("Times", (dict,), {"get": lambda self, c, d: 1.0 if c == heur else 0.99})()
+    entry = tuner.tune_point(p)
+    assert config.GemmConfig(**{k: entry[k] for k in config.GemmConfig._fields}) == heur
+    assert entry["ms"] == entry["heuristic_ms"] == 1.0
+
+
+def test_tune_plan_fits_and_estimates(monkeypatch):
+    """The candidates are launchable table entries that _fit leaves alone; the estimate (assumed
+    costs, not a measurement) stays within the run-time targets: ~8 min, --quick ~2 min."""
+    monkeypatch.setattr(config, "interpreting", lambda: False)  # the GPU's heuristics
+    config.clear_caches()
+    try:
+        for kernel in ("gemm", "onepass", "mixed"):
+            for p in tune.points(kernel, quick=False):
+                cands = tune.stage1(p, quick=False)
+                assert cands, p
+                cands += tune.stage2(p, cands[0]) + [tune.heuristic_entry(p)]
+                fields = config._REQUIRED[kernel] + config._OPTIONAL.get(kernel, ())
+                for e in cands:
+                    assert tune._fits(p, e), (p, e)
+                    config.parse_table(tune._one_entry_table(p, {k: e[k] for k in fields if k in e}), p.label)
+        assert {p.key for p in tune.points("route", quick=False)} == {"N=4096,R=16", "N=4096,R=64",
+                                                                     "N=16384,R=16", "N=16384,R=64"}
+        full, quick = tune.estimate(tune.KERNELS, quick=False), tune.estimate(tune.KERNELS, quick=True)
+        assert full["seconds"] <= 8.5 * 60 and quick["seconds"] <= 2 * 60, (full, quick)
+    finally:
+        config.clear_caches()
