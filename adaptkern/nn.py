@@ -190,6 +190,7 @@ class AdapterLinear(nn.Linear):
         self._active = name
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (and its state dict keys); the layer runs base-only if it was active."""
         self._get(name)
         if name == self._merged:
             raise ValueError(f"adapter {name!r} is merged into the weight; unmerge() it before deleting")
@@ -200,6 +201,7 @@ class AdapterLinear(nn.Linear):
 
     @property
     def merged_adapter(self) -> Optional[str]:
+        """Name of the LoRA adapter folded into ``weight`` by :meth:`merge`, or None."""
         return self._merged
 
     @torch.no_grad()
@@ -269,10 +271,10 @@ class AdapterLinear(nn.Linear):
                     self.weight, self.bias, adapter.down_weight, adapter.down_bias)
         r = a_w.shape[0]
         pad = r_max - r
-        zeros = a_w.new_zeros
-        return (nn.functional.pad(a_w, (0, 0, 0, pad)), nn.functional.pad(a_b if a_b is not None else zeros(r), (0, pad)),
-                nn.functional.pad(b_w, (0, pad)), b_b if b_b is not None else zeros(n), adapter.scale,
-                ACT_CODES[act], r)
+        a_b = a_b if a_b is not None else a_w.new_zeros(r)
+        b_b = b_b if b_b is not None else a_w.new_zeros(n)
+        pad_rows, pad_cols = nn.functional.pad(a_w, (0, 0, 0, pad)), nn.functional.pad(b_w, (0, pad))
+        return pad_rows, nn.functional.pad(a_b, (0, pad)), pad_cols, b_b, adapter.scale, ACT_CODES[act], r
 
     def _slot_metadata(self, slots, device, acc) -> tuple:
         """(scales, acts, ranks) device tensors, rebuilt only when their values change: no
