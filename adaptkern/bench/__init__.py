@@ -135,6 +135,9 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
         show(report.format_targets(data["targets"]))
     if env.get("note"):
         show(f"NOTE: {env['note']}.")
+    if env.get("native_alignment") is False:
+        show(f"WARNING: the native CUDA alignment op did not build; mixed prefill sorted rows with the PyTorch "
+             f"reference ({env.get('native_alignment_error')}).")
     if plot:
         report.plot(data, path.with_suffix(".png"), log)
     if failures:

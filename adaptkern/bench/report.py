@@ -99,6 +99,12 @@ def environment(device: torch.device) -> dict:
         gpu, driver = "cpu", None
     env = {"gpu": gpu, "driver": driver, "torch": torch.__version__, "triton": triton.__version__,
            "commit": _commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":  # mixed prefill sorts rows with the native op, or silently the reference
+        from adaptkern.ops import alignment
+
+        env["native_alignment"] = alignment.native_available("cuda")
+        if not env["native_alignment"]:
+            env["native_alignment_error"] = alignment._NATIVE_ERROR
     if device.type != "cuda":
         env["note"] = (f"no GPU: ran {execution_path(device)} on {platform.processor() or platform.machine()} "
                        "with tiny shapes as a smoke test; these timings are not GPU figures")

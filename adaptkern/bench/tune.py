@@ -458,6 +458,19 @@ def format_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_table(path: Path, env: dict, table: dict) -> bool:
+    """Validate and atomically write what has been measured so far; False when it is empty."""
+    data = {**EMPTY, "env": env, **table}
+    if not any(data.get(k) for k in config.TABLE_KERNELS):
+        return False
+    config.parse_table(data, str(path))  # what we write must load
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(format_table(data))
+    os.replace(tmp, path)
+    return True
+
+
 def run_tune(kernels: Sequence[str] = KERNELS, *, quick: bool = False, out: Optional[str] = None,
              log: Callable[[str], None] = _stderr) -> int:
     """Tune ``kernels`` on the current CUDA device and write the table; returns the exit status
@@ -506,6 +519,7 @@ def run_tune(kernels: Sequence[str] = KERNELS, *, quick: bool = False, out: Opti
             torch.cuda.empty_cache()
         if section:
             table[kernel] = section
+            _write_table(path, env, table)  # after every kernel: a run cut short keeps what it measured
         gains = [e["heuristic_ms"] / e["ms"] for by_m in section.values() for e in by_m.values()
                  if e.get("heuristic_ms") and e.get("ms")]
         if gains:
@@ -515,15 +529,9 @@ def run_tune(kernels: Sequence[str] = KERNELS, *, quick: bool = False, out: Opti
     tuner.timer.release()
     elapsed = time.perf_counter() - start
     env["elapsed_s"] = round(elapsed, 1)
-    data = {**EMPTY, "env": env, **table}
-    if not any(data.get(k) for k in config.TABLE_KERNELS):
+    if not _write_table(path, env, table):
         log("no entry could be measured; nothing written")
         return 1
-    config.parse_table(data, str(path))  # what we write must load
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(format_table(data))
-    os.replace(tmp, path)
     config.clear_caches()
     for line in summary:
         log(line)

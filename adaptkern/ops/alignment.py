@@ -17,6 +17,7 @@ new mapping.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +38,7 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CUDA_MAX_SLOTS = 10239  # align_cuda.cu: kMaxBins - 1 (one shared-memory histogram of S + 1 bins)
 _NATIVE: frozenset[str] | None = None  # device types of the loaded native op; None = not tried
 _NATIVE_ERROR: str | None = None  # why the native op is unavailable (for tests and `info`)
+_NATIVE_LOCK = threading.Lock()
 
 
 class AlignedRows(NamedTuple):
@@ -183,7 +185,9 @@ def _native() -> frozenset[str]:
     """
     global _NATIVE
     if _NATIVE is None:
-        _NATIVE = _load_native()
+        with _NATIVE_LOCK:  # concurrent first calls build once
+            if _NATIVE is None:
+                _NATIVE = _load_native()
     return _NATIVE
 
 
