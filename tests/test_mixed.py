@@ -220,8 +220,7 @@ def test_adapter_linear_mixed_gradients_per_adapter(path, device, monkeypatch):
         yb = m(x[b])
         ref_y[b] = yb.detach()
         if name is not None:
-            for (pn, p), g in zip(params.items(), torch.autograd.grad(yb, list(params.values()), gy[b],
-                                                                      allow_unused=True)):
+            for pn, g in zip(params, torch.autograd.grad(yb, list(params.values()), gy[b], allow_unused=True)):
                 if g is not None:
                     ref_grads[pn] += g
     torch.testing.assert_close(y.detach(), ref_y, rtol=1e-5, atol=1e-5)
