@@ -144,7 +144,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, dropout_p=0.0, ro
     if lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(f"rank mismatch: lora_a {tuple(lora_a.shape)} [r, K] vs lora_b {tuple(lora_b.shape)} [N, r]")
     if isinstance(weight, Tensor) and weight.dim() == 2 and lora_a.shape[1] != weight.shape[1]:
-        raise ValueError(f"lora_a's K must equal weight's K: lora_a {tuple(lora_a.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"lora_a's K must equal weight's K: lora_a {tuple(lora_a.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     return adapter_linear(x, weight, bias, lora_a, None, lora_b, None, scale=scale, dropout_p=dropout_p, route=route)
 
 

@@ -132,7 +132,8 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
     n, k = _check_x(x, weight)
     if (pool.out_features, pool.in_features) != (n, k):
-        raise ValueError(f"pool is for [{pool.out_features}, {pool.in_features}] layers, weight is {tuple(weight.shape)}")
+        raise ValueError(f"pool is for [{pool.out_features}, {pool.in_features}] layers, "
+                         f"weight is {tuple(weight.shape)}")
     _check_tensor("bias", bias, 1, optional=True)
     _check_devices(dict(x=x, weight=weight, bias=bias, adapter_ids=adapter_ids, pool=pool.lora_a))
     x = autocast_input(x)

@@ -170,7 +170,8 @@ def test_dropout_matches_reference_with_the_kernel_mask(route, device):
 
 
 def test_lora_dropout_changes_only_the_adapter_branch(device):
-    x, w, b, a_w, _, b_w, _ = (t.to(device) if t is not None else None for t in make_inputs(30, 20, 10, 4, torch.float32))
+    inputs = make_inputs(30, 20, 10, 4, torch.float32)
+    x, w, b, a_w, _, b_w, _ = (t.to(device) if t is not None else None for t in inputs)
     torch.manual_seed(0)
     y1 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout_p=0.5)
     y2 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout_p=0.5)

@@ -216,7 +216,8 @@ def adapter_linear_op(
     if use_triton(x):
         return _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, dropout_p, seed, need_z, route)
     keep = _keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-    return reference.adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, keep, dropout_p, need_z)
+    return reference.adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, keep, dropout_p,
+                                            need_z)
 
 
 @adapter_linear_op.register_fake
