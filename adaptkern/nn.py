@@ -308,11 +308,12 @@ class AdapterLinear(nn.Linear):
         names = list(self.adapters)
         r_max = max(a.r if a.kind == "lora" else a.down_weight.shape[0] for a in self.adapters.values())
         slots = [self._slot_tensors(nm, self.adapters[nm], r_max) for nm in names]
-        a_all, a_bias, b_all, b_bias = (torch.stack([s[i] for s in slots]) for i in range(4))
+        lora_only = all(a.kind == "lora" for a in self.adapters.values())
+        a_all, a_bias, b_all, b_bias = (None if lora_only and i in (1, 3) else torch.stack([s[i] for s in slots])
+                                        for i in range(4))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         scales, acts, ranks = self._slot_metadata(slots, x.device, acc)
-        lora_only = all(a.kind == "lora" for a in self.adapters.values())
-        params = [self.weight, self.bias, a_all, None if lora_only else a_bias, b_all, None if lora_only else b_bias]
+        params = [self.weight, self.bias, a_all, a_bias, b_all, b_bias]
         params = [None if t is None else t.to(x.dtype) for t in params]
         need_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
         x2 = x.reshape(rows, self.in_features)

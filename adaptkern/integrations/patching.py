@@ -163,15 +163,8 @@ def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
     frozen, as PEFT does). Returns ``model``; raises before changing anything if
     ``name`` is taken on a selected layer or the arguments are invalid.
     """
-    names = target_module_names(model, target_modules)
-    _check_new_adapter(model, names, name)
-    LoraAdapter(1, 1, r, alpha, dropout, use_rslora)  # validates the arguments before anything changes
-    patch(model, names)
-    for n in names:
-        model.get_submodule(n).add_lora(name, r, alpha, dropout, use_rslora)
-    set_adapter(model, name)
-    freeze_base(model)
-    return model
+    return _add_adapter(model, name, target_modules, lambda: LoraAdapter(1, 1, r, alpha, dropout, use_rslora),
+                        lambda layer: layer.add_lora(name, r, alpha, dropout, use_rslora))
 
 
 def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: TargetModules,
@@ -183,12 +176,20 @@ def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: Targe
     or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). Afterwards ``name``
     is the active adapter of the model and only adapter parameters require grad. Returns ``model``.
     """
+    return _add_adapter(model, name, target_modules,
+                        lambda: BottleneckAdapter(1, 1, size, activation, placement, scale),
+                        lambda layer: layer.add_bottleneck(name, size, activation, placement, scale))
+
+
+def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, validate, add) -> nn.Module:
+    """Check everything first (targets, a free name, the arguments via ``validate()``), then
+    patch the targets, ``add(layer)`` on each, activate ``name`` and freeze the base."""
     names = target_module_names(model, target_modules)
     _check_new_adapter(model, names, name)
-    BottleneckAdapter(1, 1, size, activation, placement, scale)  # validates the arguments
+    validate()  # builds a 1×1 adapter: raises on bad arguments before anything changes
     patch(model, names)
     for n in names:
-        model.get_submodule(n).add_bottleneck(name, size, activation, placement, scale)
+        add(model.get_submodule(n))
     set_adapter(model, name)
     freeze_base(model)
     return model

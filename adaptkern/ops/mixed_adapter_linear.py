@@ -138,7 +138,7 @@ def _per_row_activation(z, acts, ids, grad: bool):
         return fn(z, "identity")
     codes = acts.long()[ids.clamp(min=0).long()]
     out = torch.zeros_like(z)
-    for code, name in enumerate(reference.ACT_BY_CODE):  # a fixed, small loop: no host sync
+    for code, name in enumerate(reference.ACTIVATIONS):  # a fixed, small loop: no host sync
         out = torch.where((codes == code)[:, None], fn(z, name), out)
     return out
 

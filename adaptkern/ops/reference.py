@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+# The order is the activation code the kernels and AdapterPool store (code i = ACTIVATIONS[i]).
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _ALIASES = {"swish": "silu", "linear": "identity", "none": "identity", "gelu_new": "gelu_tanh"}
 PLACEMENTS = ("sequential", "parallel")
@@ -192,9 +193,6 @@ def adapter_linear_backward(dy, x, weight, a_w, b_w, z, scale, act, keep, dropou
     )
 
 
-ACT_BY_CODE = ACTIVATIONS  # activation code i (as the kernels and AdapterPool store it) is ACTIVATIONS[i]
-
-
 def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids):
     """Semantics: row i with s = ids[i] ≥ 0 gets
     y_i = x_i·Wᵀ + b + scales[s]·(f_s(x_i·A_s[:r_s]ᵀ + a_s[:r_s])·B_s[:, :r_s]ᵀ + c_s); ids[i] = -1: base only.
@@ -214,7 +212,7 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
         z = x[rows] @ a_all[s, :r].t()
         if a_bias is not None:
             z = z + a_bias[s, :r]
-        act = "identity" if acts is None else ACT_BY_CODE[int(acts[s])]
+        act = "identity" if acts is None else ACTIVATIONS[int(acts[s])]
         branch = activation(z, act) @ b_all[s, :, :r].t()
         if b_bias is not None:
             branch = branch + b_bias[s]
@@ -242,7 +240,7 @@ def mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, r
     for s in sorted(set(ids.tolist()) - {-1}):
         rows = (ids == s).nonzero().squeeze(1)
         r = a_all.shape[1] if ranks is None else int(ranks[s])
-        act = "identity" if acts is None else ACT_BY_CODE[int(acts[s])]
+        act = "identity" if acts is None else ACTIVATIONS[int(acts[s])]
         scale = float(scales[s])
         xs, dys = x[rows], dy[rows]
         z = xs @ a_all[s, :r].t() + (0.0 if a_bias is None else a_bias[s, :r])

@@ -22,8 +22,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Activation codes shared with the host (order of reference.ACTIVATIONS).
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+from .reference import ACTIVATIONS
+
+# Activation code i is reference.ACTIVATIONS[i] (the kernels branch on the code).
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 # Dropout sites of _gemm_kernel: which operand is x (dropout applies to x only).
 DROP_NONE, DROP_P1, DROP_Q1, DROP_ACC2 = 0, 1, 2, 3
