@@ -6,7 +6,6 @@ naming the argument and the shapes; the kernels behind them trust what they are 
 
 from __future__ import annotations
 
-import math
 from numbers import Real
 from typing import Optional
 
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .ops import reference
-from .ops.adapter_linear import ROUTES, adapter_linear_op
+from .ops.adapter_linear import ROUTES, acc_dtype, adapter_linear_op
 from .ops.config import ONEPASS_MAX_RANK
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,11 +45,21 @@ def _check_devices(named: dict) -> None:
             raise ValueError(f"all tensors must be on one device: {first} is on {devices[first]}, {n} is on {d}")
 
 
-def _check_scale(scale) -> float:
+def _finite_in(values, dtype: torch.dtype) -> bool:
+    """The one finite-scale rule: every |scale| is at most ``dtype``'s largest finite value (NaN
+    and ±Inf fail), ``dtype`` being the dtype the kernels apply the scale in. ``values``: a float
+    or a tensor (the tensor check reads its values on the host)."""
+    bound = torch.finfo(dtype).max
+    return bool((values.abs() <= bound).all()) if isinstance(values, Tensor) else abs(values) <= bound
+
+
+def _check_scale(scale, name: str = "scale") -> float:
+    """A scalar scale as a float: a real number, not a bool, finite in float32 (a Python float
+    reaches a Triton kernel as fp32)."""
     if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}")
+    if not _finite_in(scale, torch.float32):
+        raise ValueError(f"{name} must be finite in float32, got {scale}")
     return float(scale)
 
 
@@ -73,8 +82,15 @@ def _check_x(x: Tensor, weight: Tensor) -> tuple[int, int]:
     return n, k
 
 
+def _flatten_rows(x: Tensor) -> tuple[Tensor, torch.Size]:
+    """(x as [M, K], x's leading dims): M is their product, so K = 0 flattens too."""
+    lead = x.shape[:-1]
+    return x.reshape(lead.numel(), x.shape[-1]), lead
+
+
 def autocast_input(x: Tensor) -> Tensor:
-    """x in the autocast dtype when autocast is on for x's device (as F.linear would run)."""
+    """Semantics: x cast to the autocast dtype when autocast is on for x's device (as F.linear
+    would run), else x itself."""
     kind = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(kind):
         return x.to(torch.get_autocast_dtype(kind))
@@ -90,7 +106,12 @@ def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation
     Shapes: x [..., K], weight [N, K], bias [N] | None, a_w [R, K], a_b [R] | None,
     b_w [N, R], b_b [N] | None -> y [..., N] in x's dtype. Parameters of another floating
     dtype are cast to x's dtype (differentiably). ``route`` forces the one-pass or split
-    forward kernel ("auto": the heuristic of ``adaptkern.ops.config``).
+    forward kernel ("auto": the heuristic of ``adaptkern.ops.config``). K = 0 (and M = 0)
+    give what the formula gives: y = b + scale·(f(a)·Bᵀ + c) on every row, with gradients.
+
+    Errors: TypeError/ValueError naming the argument, all raised before any computation:
+    shapes, dtypes, devices, activation, route, ``scale`` (a real number, not a bool, finite
+    in float32), ``dropout_p`` (a real number in [0, 1)).
     """
     n, k = _check_x(x, weight)
     _check_tensor("bias", bias, 1, optional=True)
@@ -120,8 +141,11 @@ def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation
 
     x = autocast_input(x)
     params = [None if t is None else t.to(x.dtype) for t in (weight, bias, a_w, a_b, b_w, b_b)]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2, lead = _flatten_rows(x)
+    if k == 0:  # x·Wᵀ and x·Aᵀ vanish: y = b + s·(f(a)·Bᵀ + c), from the (differentiable) reference
+        acc = acc_dtype(x.dtype)
+        y = reference.adapter_linear_ref(*(None if t is None else t.to(acc) for t in (x2, *params)), scale, act)
+        return y.to(x.dtype).reshape(*lead, n)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -137,7 +161,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, dropout_p=0.0, ro
 
     Shapes: x [..., K], weight [N, K], bias [N] | None, lora_a [r, K], lora_b [N, r]
     -> y [..., N] in x's dtype. Dropout (when dropout_p > 0) applies to the adapter
-    branch's x only, as PEFT does.
+    branch's x only, as PEFT does. K = 0, M = 0 and errors: as :func:`adapter_linear`.
     """
     _check_tensor("lora_a", lora_a, 2)
     _check_tensor("lora_b", lora_b, 2)
@@ -167,6 +191,7 @@ def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bia
     [R, K] (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None -> y [..., N].
     The sequential adapter runs through the folded down-projection A = D·W, a = D·b + d;
     ``folded`` may pass a precomputed (A, a) (``AdapterLinear`` caches it for inference).
+    K = 0 (then h = b and x·Dᵀ = 0 on every row), M = 0 and errors: as :func:`adapter_linear`.
     """
     placement = _check_placement(placement)
     n, k = _check_x(x, weight)

@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .functional import _check_devices, _check_tensor, _check_x, autocast_input
+from .functional import _check_devices, _check_tensor, _check_x, _finite_in, _flatten_rows, autocast_input
+from .ops import reference
+from .ops.adapter_linear import acc_dtype
 from .ops.mixed_adapter_linear import mixed_adapter_linear_op
 from .pool import AdapterPool
 
@@ -24,18 +26,34 @@ def _ids_checking_enabled(validate: bool) -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True, lead: tuple = ()) -> Tensor:
-    """Validate ``adapter_ids`` [M] (or shaped like x's leading dims ``lead``; int32/int64,
-    values in [-1, num_slots)) and return it flat.
+def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True, lead: tuple = (), device=None) -> Tensor:
+    """Validate ``adapter_ids`` and return it flat.
 
-    The value check reads the ids on the host (a sync): it runs in eager mode only, and is
-    skipped under torch.compile, during CUDA graph capture, or with ``validate=False``; the
-    kernels then treat an out-of-range id as -1 rather than read out of bounds.
+    Semantics: ids [M] (or shaped like x's leading dims ``lead``), int32/int64, values in
+    [-1, num_slots), on ``device`` (None: any) -> ids [M]. A list or tuple of ints becomes an
+    int64 tensor on ``device``.
+
+    Errors: TypeError for another type or a non-integer dtype, ValueError for a wrong shape,
+    a tensor on another device, or a value out of range. The value check reads the ids on
+    the host (a sync): it runs in eager mode only, and is skipped under torch.compile, during
+    CUDA graph capture, or with ``validate=False``; the kernels then treat an out-of-range id
+    as -1 rather than read out of bounds.
     """
+    if isinstance(ids, (list, tuple)):
+        try:
+            ids = torch.tensor(ids, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"adapter_ids as a list must hold ints: {e}") from None
+        if ids.numel() == 0:
+            ids = ids.long()
+        elif ids.dtype != torch.int64:
+            raise TypeError(f"adapter_ids as a list must hold ints, got {ids.dtype} values")
     if not isinstance(ids, Tensor):
-        raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
+        raise TypeError(f"adapter_ids must be a torch.Tensor or a list of ints, got {type(ids).__name__}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
+    if device is not None and ids.device != torch.device(device):
+        raise ValueError(f"adapter_ids must be on x's device {device}, got {ids.device}")
     if ids.numel() != m or (ids.dim() != 1 and tuple(ids.shape) != tuple(lead)):
         raise ValueError(f"adapter_ids must have shape ({m},) (one id per row of x) or {tuple(lead)}, "
                          f"got {tuple(ids.shape)}")
@@ -49,12 +67,19 @@ def check_adapter_ids(ids, m: int, num_slots: int, validate: bool = True, lead: 
     return ids
 
 
-def _need_z(*tensors) -> bool:
+def _any_requires_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _flatten_rows(x: Tensor, k: int) -> tuple[Tensor, tuple]:
-    return x.reshape(-1, k), x.shape[:-1]
+def _run(x2, params, scales, ranks, acts, ids, need_z) -> Tensor:
+    """y [M, N] from ``adaptkern::mixed_adapter_linear``, or, for K = 0 (x·Wᵀ and x·A_sᵀ vanish),
+    from the differentiable reference loop with out-of-range ids as -1, as the kernels treat them."""
+    if x2.shape[1]:
+        return mixed_adapter_linear_op(x2, *params, scales, ranks, acts, ids, need_z)[0]
+    ids = torch.where((ids >= 0) & (ids < params[2].shape[0]), ids, -1)
+    acc = acc_dtype(x2.dtype)
+    cast = [None if t is None else t.to(acc) for t in (x2, *params)]
+    return reference.mixed_adapter_linear_ref(*cast, scales, ranks, acts, ids).to(x2.dtype)
 
 
 def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, validate_ids=True):
@@ -64,10 +89,17 @@ def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
     adapter_ids[i] = -1 gives exactly the base result.
 
     Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
-    lora_a [S, R_max, K], lora_b [S, N, R_max], adapter_ids [M] int32/int64 in [-1, S),
-    scales [S] float tensor, ranks [S] int tensor in [0, R_max] (None: R_max for every
-    slot) -> y [M, N] in x's dtype. Differentiable in x, lora_a, lora_b (and W, b when they
-    require grad): each slot gets exactly the gradient of the rows that used it.
+    lora_a [S, R_max, K], lora_b [S, N, R_max], adapter_ids [M] int32/int64 (or a list of
+    ints) in [-1, S), scales [S] float tensor, ranks [S] int tensor in [0, R_max] (None: R_max
+    for every slot) -> y [M, N] in x's dtype; M = 0 and K = 0 (y_i = b) included.
+    Differentiable in x, lora_a, lora_b (and W, b when they require grad): each slot gets
+    exactly the gradient of the rows that used it. ``scales`` is not differentiable: one
+    that requires grad is refused.
+
+    Errors: TypeError/ValueError naming the argument, all raised before any computation.
+    The value checks (ids and ranks in range, scales finite in the compute dtype: float64
+    for float64 x, else float32) read tensors on the host; ``validate_ids=False``,
+    torch.compile and CUDA graph capture skip them.
     """
     n, k = _check_x(x, weight)
     _check_tensor("bias", bias, 1, optional=True)
@@ -84,22 +116,22 @@ def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     scales = _check_slot_vector("scales", scales, s, floating=True)
     ranks = _check_slot_vector("ranks", ranks, s, floating=False)
-    _check_devices(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids,
-                        scales=scales, ranks=ranks))
+    if scales.requires_grad and torch.is_grad_enabled():
+        raise ValueError("scales is not differentiable here; detach it (scales.detach())")
+    _check_devices(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, scales=scales, ranks=ranks))
+    x = autocast_input(x)
+    acc = acc_dtype(x.dtype)
     if _ids_checking_enabled(validate_ids):
         if ranks is not None and bool(((ranks < 0) | (ranks > r)).any()):
             raise ValueError(f"ranks must lie in [0, {r}] (R_max of lora_a {tuple(lora_a.shape)}), "
                              f"got {ranks.tolist()}")
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError(f"scales must be finite, got {scales.tolist()}")
-    x = autocast_input(x)
-    x2, lead = _flatten_rows(x, k)
-    ids = check_adapter_ids(adapter_ids, x2.shape[0], s, validate_ids, lead)
-    params = [None if t is None else t.to(x.dtype) for t in (weight, bias, lora_a, lora_b)]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y, _ = mixed_adapter_linear_op(x2, params[0], params[1], params[2], None, params[3], None, scales.to(acc),
-                                   None if ranks is None else ranks.to(torch.int32), None, ids,
-                                   _need_z(x, *params))
+        if not _finite_in(scales, acc):
+            raise ValueError(f"scales must be finite in {acc}, got {scales.tolist()}")
+    x2, lead = _flatten_rows(x)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], s, validate_ids, lead, device=x.device)
+    params = [None if t is None else t.to(x.dtype) for t in (weight, bias, lora_a, None, lora_b, None)]
+    y = _run(x2, params, scales.to(acc), None if ranks is None else ranks.to(torch.int32), None, ids,
+             _any_requires_grad(x, *params))
     return y.reshape(*lead, n)
 
 
@@ -126,7 +158,11 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
     bottleneck, or a sequential bottleneck folded through the base (DESIGN §1).
 
     Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
-    adapter_ids [M] int in [-1, pool.num_slots) -> y [M, N] in x's dtype.
+    adapter_ids [M] int (or a list of ints) in [-1, pool.num_slots) -> y [M, N] in x's dtype;
+    M = 0 and K = 0 included. Differentiable in x, and in W and b while the pool holds no
+    sequential bottleneck: a sequential slot's fold A = D·W, a = D·b + d was computed at load
+    time, outside autograd, so with grad enabled and W or b requiring grad such a pool raises
+    ValueError rather than return dW/db without the fold's path.
     """
     if not isinstance(pool, AdapterPool):
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
@@ -135,13 +171,19 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
         raise ValueError(f"pool is for [{pool.out_features}, {pool.in_features}] layers, "
                          f"weight is {tuple(weight.shape)}")
     _check_tensor("bias", bias, 1, optional=True)
-    _check_devices(dict(x=x, weight=weight, bias=bias, adapter_ids=adapter_ids, pool=pool.lora_a))
+    _check_devices(dict(x=x, weight=weight, bias=bias, pool=pool.lora_a))
+    sequential = [i for i, kind in enumerate(pool.kinds) if kind == "bottleneck_sequential"]
+    if sequential and _any_requires_grad(weight, bias):
+        raise ValueError(f"pool slots {sequential} hold sequential bottlenecks, folded through the base weight at "
+                         f"load time (A = D·W, a = D·b + d), so mixed_adapter_linear cannot give weight/bias their "
+                         f"true gradient: freeze them (weight.requires_grad_(False), bias too), or train with "
+                         f"AdapterLinear, whose fold is differentiable")
     x = autocast_input(x)
-    x2, lead = _flatten_rows(x, k)
-    ids = check_adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate_ids, lead)
-    tensors = pool.kernel_tensors(x.dtype)
-    y, _ = mixed_adapter_linear_op(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), *tensors, ids,
-                                   _need_z(x, weight, bias))
+    x2, lead = _flatten_rows(x)
+    ids = check_adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate_ids, lead, device=x.device)
+    a_all, a_bias, b_all, b_bias, scales, ranks, acts = pool.kernel_tensors(x.dtype)
+    params = [weight.to(x.dtype), None if bias is None else bias.to(x.dtype), a_all, a_bias, b_all, b_bias]
+    y = _run(x2, params, scales, ranks, acts, ids, _any_requires_grad(x, weight, bias))
     return y.reshape(*lead, n)
 
 
