@@ -41,7 +41,7 @@ PREFIX = "base_model.model."
 # they do not change what the saved weights compute, so they are read and ignored.
 _IGNORED_FIELDS = frozenset({
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "megatron_core", "qalora_group_size", "runtime_config", "layers_pattern", "ensure_weight_tying",
 })
 # Features that change the computation: supported only at these neutral values.
@@ -53,8 +53,13 @@ _NEUTRAL_FIELDS = {
 }
 _HONOURED_FIELDS = frozenset({
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "rank_pattern",
-    "alpha_pattern", "fan_in_fan_out", "lora_dropout", "bias",
+    "alpha_pattern", "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights",
 })
+# init_lora_weights values (besides true, false, null) that leave the base weight alone. PiSSA ("pissa*"), OLoRA,
+# CorDA and LoRA-GA subtract the initial adapter from the base weight and LoftQ replaces it by a quantised residual,
+# so their saved lora_A / lora_B apply to that changed base only; PEFT redoes the change when it loads them (except
+# LoRA-GA's, which needs the training gradients).
+_INIT_KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})
 
 
 def _is_neutral(value, neutral) -> bool:
@@ -103,6 +108,15 @@ def _check_config(config) -> dict:
         if not _is_neutral(config.get(field, neutral), neutral):
             raise NotImplementedError(f"{CONFIG_NAME}: {field}={config[field]!r} is not supported "
                                       f"(only {neutral!r})")
+    init = config.get("init_lora_weights", True)
+    if not (init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _INIT_KEEPS_BASE)):
+        raise NotImplementedError(
+            f"{CONFIG_NAME}: init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ "
+            f"change the base weight, and these lora_A / lora_B fit only the changed base. Convert the adapter into "
+            f"plain LoRA for the original base with PEFT's peft_model.save_pretrained(path, "
+            f"path_initial_model_for_weight_conversion=<adapter saved right after initialisation>) and load that "
+            f"(LoftQ: load an adapter saved with init_lora_weights=True onto the quantised base saved with it). "
+            f"Supported: true, false, null, {', '.join(map(repr, sorted(_INIT_KEEPS_BASE)))}")
     if config.get("bias", "none") != "none":
         raise NotImplementedError(f"{CONFIG_NAME}: bias={config['bias']!r} is not supported (only 'none')")
     r = config.get("r", 8)
@@ -173,7 +187,10 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
     Raises (leaving the model unchanged): FileNotFoundError for a missing file; ValueError for
     an invalid config, missing or unexpected keys, a shape mismatch (naming the key and both
     shapes), non-finite or non-floating weights, or a corrupt file; NotImplementedError for
-    a non-LoRA peft_type or an unsupported feature (naming the config field).
+    a non-LoRA peft_type or an unsupported feature (naming the config field), including an
+    ``init_lora_weights`` that changes the base weight (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ):
+    convert such an adapter with PEFT's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)`` first.
     """
     cfg = _check_config(read_json_object(os.path.join(path, CONFIG_NAME)))
     names = _select_targets(model, cfg)
@@ -304,7 +321,11 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     B [out, r], dtype and requires_grad kept), with every adapter under its PEFT name, the
     same r, alpha, rsLoRA flag and dropout, and the active adapter selected (None where
     adapters are disabled). Returns the underlying transformers model
-    (``peft_model.get_base_model()``); discard the PeftModel wrapper afterwards.
+    (``peft_model.get_base_model()``); save it with :func:`save_peft`. The PeftModel wrapper
+    is spent: PEFT no longer sees these layers (its ``save_pretrained`` would write 0 tensors,
+    ``merge_and_unload`` merge nothing), so apart from ``get_base_model()`` every PEFT call
+    on it (save_pretrained, get_peft_model_state_dict, merge_and_unload, merge_adapter,
+    set_adapter, forward, ...) raises RuntimeError.
 
     Raises (before changing anything) TypeError if ``peft_model`` is not a PeftModel;
     NotImplementedError for merged layers, several active adapters, LoRA variants (DoRA,
@@ -354,4 +375,30 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         new.set_adapter(active)
         parent, _, child = n.rpartition(".")
         setattr(base.get_submodule(parent), child, new)
+    vars(base).pop("peft_config", None)  # PEFT's unload() drops it too
+    peft_model.base_model = _ConvertedTuner(base)
+    peft_model.get_base_model = lambda: base
     return base
+
+
+_CONVERTED = ("this PeftModel was converted by adaptkern's from_peft_model: its LoRA layers are now AdapterLinear "
+              "modules that PEFT cannot see (it would save 0 tensors and merge nothing). Use the model that "
+              "from_peft_model returned (peft_model.get_base_model()) and save it with adaptkern's save_peft")
+
+
+class _ConvertedTuner(nn.Module):
+    """Replaces a converted PeftModel's tuner (``peft_model.base_model``). Every PEFT path (peft_config, save,
+    state dict, merge, unload, set_adapter, forward) goes through it, so they all raise instead of silently
+    acting on no LoRA layers."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(_CONVERTED)
+
+    def __getattr__(self, name: str):
+        if name == "model" or name.startswith("__"):
+            return super().__getattr__(name)
+        raise RuntimeError(_CONVERTED)
