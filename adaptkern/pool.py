@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -22,8 +23,13 @@ class AdapterPool:
     the kernels' rank loop. Tensors keep fixed addresses across load/evict, so a captured
     CUDA graph sees new adapters without re-capture.
 
-    Shapes: lora_a [S, R_max, K], lora_b [S, N, R_max], a_bias [S, R_max], b_bias [S, N],
-    scales [S] fp32, ranks [S] int32, acts [S] int32.
+    Shapes: lora_a [S, R_max, K], lora_b [S, N, R_max], a_bias [S, R_max], b_bias [S, N] in
+    ``dtype`` (a floating dtype), scales [S] in the kernels' accumulate dtype (float64 for a
+    float64 pool, else float32), ranks [S] int32, acts [S] int32.
+
+    Every mutating call checks all its arguments, including that what would be stored is
+    finite in the pool's dtypes, before it changes anything: a failed call leaves the pool
+    as it was.
     """
 
     def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int, *, dtype=None,
@@ -32,14 +38,18 @@ class AdapterPool:
                         ("max_rank", max_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank = num_slots, max_rank
-        f = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+        f = dict(dtype=dtype, device=device)
         self.lora_a = torch.zeros(num_slots, max_rank, in_features, **f)
         self.lora_b = torch.zeros(num_slots, out_features, max_rank, **f)
         self.a_bias = torch.zeros(num_slots, max_rank, **f)
         self.b_bias = torch.zeros(num_slots, out_features, **f)
-        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.scales = torch.zeros(num_slots, dtype=scale_dtype, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.acts = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.kinds: list = [None] * num_slots  # host-side: None, "lora", "bottleneck_parallel", ...
@@ -58,6 +68,7 @@ class AdapterPool:
         return slot
 
     def _check(self, name: str, t, shape: tuple) -> Tensor:
+        """``t`` (detached, on the pool's device) after checking its type, shape and finiteness."""
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != shape:
@@ -66,22 +77,51 @@ class AdapterPool:
             raise ValueError(f"{name} contains NaN or Inf")
         return t.detach().to(device=self.device)
 
-    def _rank(self, r: int, what: str) -> int:
+    def _cast(self, name: str, t):
+        """``t`` (or None) in the pool's dtype, refused if the cast (or a fold before it) overflowed."""
+        if t is None:
+            return None
+        t = t.to(self.dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf in the pool's dtype {self.dtype} (values beyond its range "
+                             f"overflow to Inf)")
+        return t
+
+    def _rank(self, name: str, t) -> int:
+        """The rank of a 2-D adapter matrix ``t`` [r, ...]: in [1, max_rank]."""
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [r, features], got shape {tuple(t.shape)}")
+        r = t.shape[0]
         if not 1 <= r <= self.max_rank:
-            raise ValueError(f"{what} rank {r} is outside [1, max_rank={self.max_rank}]")
+            raise ValueError(f"{name} rank {r} is outside [1, max_rank={self.max_rank}]")
         return r
+
+    def _scale(self, scale) -> Tensor:
+        """``scale`` as a 0-d tensor of the scales' dtype, refused unless a finite real number there."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+        try:
+            value = torch.tensor(float(scale), dtype=self.scales.dtype)
+        except OverflowError:  # an int beyond float64
+            value = torch.tensor(math.inf)
+        if not bool(torch.isfinite(value)):
+            raise ValueError(f"scale must be finite in the pool's scale dtype {self.scales.dtype}, got {scale!r}")
+        return value
 
     @torch.no_grad()
     def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act):
+        """Write a checked adapter (tensors already in the pool's dtype) into ``slot``: cannot fail."""
         r = a_w.shape[0]
-        self.evict(slot)
+        self._clear(slot)
         self.lora_a[slot, :r].copy_(a_w)
         self.lora_b[slot, :, :r].copy_(b_w)
         if a_b is not None:
             self.a_bias[slot, :r].copy_(a_b)
         if b_b is not None:
             self.b_bias[slot].copy_(b_b)
-        self.scales[slot] = float(scale)
+        self.scales[slot] = scale
         self.ranks[slot] = r
         self.acts[slot] = ACT_CODES[act]
         self.kinds[slot] = kind
@@ -89,12 +129,10 @@ class AdapterPool:
     def load_lora(self, slot: int, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
         """Put LoRA (lora_a [r, K], lora_b [N, r], scale) in ``slot``, replacing what was there."""
         slot = self._slot(slot)
-        r = self._rank(lora_a.shape[0] if isinstance(lora_a, Tensor) and lora_a.dim() == 2 else 0, "lora_a")
-        a = self._check("lora_a", lora_a, (r, self.in_features))
-        b = self._check("lora_b", lora_b, (self.out_features, r))
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-        self._store(slot, "lora", a, None, b, None, scale, "identity")
+        r = self._rank("lora_a", lora_a)
+        a = self._cast("lora_a", self._check("lora_a", lora_a, (r, self.in_features)))
+        b = self._cast("lora_b", self._check("lora_b", lora_b, (self.out_features, r)))
+        self._store(slot, "lora", a, None, b, None, self._scale(scale), "identity")
 
     def load_bottleneck(self, slot: int, down_weight: Tensor, down_bias, up_weight: Tensor, up_bias, *,
                         activation: str, placement: str, scale: float, base_weight=None, base_bias=None) -> None:
@@ -110,26 +148,29 @@ class AdapterPool:
         placement = _check_placement(placement)
         act = reference.canonical_activation(activation)
         reads = self.out_features if placement == "sequential" else self.in_features
-        r = self._rank(down_weight.shape[0] if isinstance(down_weight, Tensor) and down_weight.dim() == 2 else 0,
-                       "down_weight")
+        r = self._rank("down_weight", down_weight)
         d = self._check("down_weight", down_weight, (r, reads))
         db = None if down_bias is None else self._check("down_bias", down_bias, (r,))
         u = self._check("up_weight", up_weight, (self.out_features, r))
         ub = None if up_bias is None else self._check("up_bias", up_bias, (self.out_features,))
+        names = ("down_weight", "down_bias")
         if placement == "sequential":
             if base_weight is None:
                 raise ValueError("a sequential bottleneck needs base_weight (the layer's [N, K] weight) to fold D·W")
             w = self._check("base_weight", base_weight, (self.out_features, self.in_features))
             b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,))
             d, db = reference.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-        self._store(slot, f"bottleneck_{placement}", d, db, u, ub, scale, act)
+            names = ("the folded down_weight·base_weight", "the folded down_weight·base_bias + down_bias")
+        d, db = self._cast(names[0], d), self._cast(names[1], db)
+        u, ub = self._cast("up_weight", u), self._cast("up_bias", ub)
+        self._store(slot, f"bottleneck_{placement}", d, db, u, ub, self._scale(scale), act)
 
     @torch.no_grad()
     def evict(self, slot: int) -> None:
         """Empty ``slot``: rank 0, so rows that still name it get the base result."""
-        slot = self._slot(slot)
+        self._clear(self._slot(slot))
+
+    def _clear(self, slot: int) -> None:
         for t in (self.lora_a, self.lora_b, self.a_bias, self.b_bias):
             t[slot].zero_()
         self.scales[slot] = 0.0

@@ -128,7 +128,7 @@ def test_set_delete_and_base_only():
     x = torch.randn(2, 37)
     base = nn.functional.linear(x, m.weight, m.bias)
     m.add_bottleneck("bn", 3)
-    assert m.active_adapter == "bn"
+    assert m.active_adapter == "a"  # adding an adapter keeps the active one (as PEFT)
     m.set_adapter(None)
     assert torch.equal(m(x), base)
     m.set_adapter("a")
@@ -183,14 +183,12 @@ def test_state_dict_round_trip():
         assert torch.equal(m(x), fresh(x))
 
 
-def test_sequential_fold_cache_invalidated_on_change():
+def test_sequential_fold_follows_in_place_changes():
     m, eager = _make("sequential-gelu")
     m.eval()
     x = torch.randn(4, 37)
     with torch.no_grad():
-        y0 = m(x)
-        cache = m._fold_caches["a"]
-        assert cache.value is not None and torch.equal(m(x), y0)
+        m(x)
         m.adapters["a"].down_weight.mul_(2.0)  # an in-place, optimizer-like update
         eager.down.weight.mul_(2.0)
         assert_close_to_ref("after D changed", m(x), copy.deepcopy(eager).double()(x.double()))

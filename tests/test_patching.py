@@ -12,6 +12,8 @@ from adaptkern.integrations import (Conv1DAdapter, adapter_parameters, add_bottl
                                     target_module_names)
 
 from .helpers import assert_close_to_ref
+from adaptkern.integrations.patching import adapter_modules
+
 from .test_peft import ARCHS, make_inputs, tiny_llama
 
 LLAMA_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
@@ -134,8 +136,7 @@ def test_conv1d_adapter_keeps_layout_and_gradients():
         unmerged = m(x)
         m.merge("a")
         assert_close_to_ref("merged W", conv.weight.t(), ref.weight.t() + 2.0 * b64.detach() @ a64.detach())
-        m.set_adapter(None)
-        assert_close_to_ref("y merged", m(x), unmerged.double())
+        assert_close_to_ref("y merged", m(x), unmerged.double())  # merge made "a" the active adapter
         m.unmerge()
     m.load_state_dict({"weight": ref.weight.float().detach(), "bias": ref.bias.float().detach(),
                        "adapters.a.lora_A": ad.lora_A.detach(), "adapters.a.lora_B": ad.lora_B.detach()})
@@ -156,10 +157,12 @@ def test_add_lora_freezes_base_and_lists_adapter_parameters():
     assert len(adapter_parameters(model, "a")) == 8 and len(adapter_parameters(model, "b")) == 4
     assert len(trainable) == 12
     v = model.model.layers[0].self_attn.v_proj
-    assert v.active_adapter == "b" and model.model.layers[0].self_attn.q_proj.active_adapter is None
+    assert v.active_adapter == "a"  # adding "b" keeps "a" active (as PEFT)
     assert v.adapters["b"].scale == 4 / 2 ** 0.5
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)  # fresh B = 0
+        set_adapter(model, "b")
+        assert v.active_adapter == "b" and model.model.layers[0].self_attn.q_proj.active_adapter is None
         set_adapter(model, "a")
         assert model.model.layers[1].self_attn.q_proj.active_adapter == "a" and v.active_adapter == "a"
     with pytest.raises(ValueError, match="no adapter named 'c'.*'a', 'b'"):
@@ -200,3 +203,25 @@ def test_bottleneck_and_lora_switching():
     assert torch.equal(outs[None], base)
     assert not torch.allclose(outs["bn"], base) and not torch.allclose(outs["lora"], base)
     assert not torch.allclose(outs["bn"], outs["lora"])
+
+
+def test_adding_a_second_adapter_keeps_the_active_one_everywhere():
+    """As PEFT's add_adapter: the first adapter becomes active; a second one, on other
+    layers too, changes nothing until set_adapter selects it."""
+    model = build()
+    add_lora(model, "a", r=2, target_modules=["q_proj"])
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        for m in adapter_modules(model).values():
+            m.adapters["a"].lora_B.normal_()
+        y_a = model(**inputs).logits
+    add_lora(model, "b", r=2, target_modules=["q_proj", "v_proj"])
+    active = {n: m.active_adapter for n, m in adapter_modules(model).items()}
+    assert {v for n, v in active.items() if "q_proj" in n} == {"a"}
+    assert {v for n, v in active.items() if "v_proj" in n} == {None}
+    with torch.no_grad():
+        for m in adapter_modules(model, "b").values():
+            m.adapters["b"].lora_B.normal_()
+        assert torch.equal(model(**inputs).logits, y_a)
+    set_adapter(model, "b")
+    assert {m.active_adapter for m in adapter_modules(model).values()} == {"b"}

@@ -154,12 +154,12 @@ def freeze_base(model: nn.Module) -> None:
 
 def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
              target_modules: TargetModules = None, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
-    """Patch the selected linear layers as needed and add LoRA adapter ``name`` to each; make it active.
+    """Patch the selected linear layers as needed and add LoRA adapter ``name`` to each.
 
     Semantics: each selected layer computes y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ with
     A [r, in] Kaiming-uniform, B [out, r] zeros, scale = alpha/r (alpha/√r with rsLoRA;
-    alpha None: alpha = r). Afterwards ``name`` is the active adapter of the model (see
-    :func:`set_adapter`) and only adapter parameters require grad (the whole base model is
+    alpha None: alpha = r). As in PEFT, the first adapter of a model becomes active (see
+    :func:`set_adapter`); adding another keeps the active one. Only adapter parameters require grad (the whole base model is
     frozen, as PEFT does). Returns ``model``; raises before changing anything if
     ``name`` is taken on a selected layer or the arguments are invalid.
     """
@@ -169,12 +169,12 @@ def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
 
 def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: TargetModules,
                    activation: str = "relu", placement: str = "sequential", scale: float = 1.0) -> nn.Module:
-    """Patch the selected linear layers as needed and add bottleneck adapter ``name`` to each; make it active.
+    """Patch the selected linear layers as needed and add bottleneck adapter ``name`` to each.
 
     Semantics: sequential: y = h + scale·(f(h·Dᵀ + d)·Uᵀ + u) with h = x·Wᵀ + b; parallel:
     y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u). Shapes per layer: D [size, out] (sequential)
-    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). Afterwards ``name``
-    is the active adapter of the model and only adapter parameters require grad. Returns ``model``.
+    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). The first adapter
+    of a model becomes active; adding another keeps the active one. Only adapter parameters require grad. Returns ``model``.
     """
     return _add_adapter(model, name, target_modules,
                         lambda: BottleneckAdapter(1, 1, size, activation, placement, scale),
@@ -187,10 +187,16 @@ def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, val
     names = target_module_names(model, target_modules)
     _check_new_adapter(model, names, name)
     validate()  # builds a 1×1 adapter: raises on bad arguments before anything changes
+    before = {n: m.active_adapter for n, m in adapter_modules(model).items()}
     patch(model, names)
     for n in names:
         add(model.get_submodule(n))
-    set_adapter(model, name)
+    active = {a for a in before.values() if a is not None}
+    if active:  # as PEFT: adding keeps the model's active adapter, also on newly adapted layers
+        for n, m in adapter_modules(model).items():
+            m.set_adapter(before.get(n) or next((a for a in sorted(active) if a in m.adapters), None))
+    else:
+        set_adapter(model, name)
     freeze_base(model)
     return model
 

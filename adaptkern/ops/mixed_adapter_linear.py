@@ -131,12 +131,12 @@ def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks
     return y, z
 
 
-def _per_row_activation(z, acts, ids, grad: bool):
+def _per_row_activation(z, acts, slot, grad: bool):
     """f_s(z_i) (or f_s'(z_i)) with each row's slot's activation; identity when acts is None."""
     fn = reference.activation_grad if grad else reference.activation
     if acts is None:
         return fn(z, "identity")
-    codes = acts.long()[ids.clamp(min=0).long()]
+    codes = acts.long()[slot]
     out = torch.zeros_like(z)
     for code, name in enumerate(reference.ACTIVATIONS):  # a fixed, small loop: no host sync
         out = torch.where((codes == code)[:, None], fn(z, name), out)
@@ -149,8 +149,8 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
     s_count, r, _ = a_all.shape
     need_x, need_w, need_b, need_aw, need_ab, need_bw, need_bb = needs
     acc = acc_dtype(x.dtype)
-    used = ((ids >= 0) & (ids < s_count))[:, None]
-    slot = ids.clamp(min=0).long()
+    used = ((ids >= 0) & (ids < s_count))[:, None]  # other ids are base-only rows, as in forward
+    slot = torch.where(used[:, 0], ids, 0).long()  # an index in range for every row; `used` masks the rest
     perm = _sorted_rows(ids, s_count)
     offsets = _slot_offsets(ids, s_count)
     plan = config.mixed_plan(m, max(k, weight.shape[0]), r, _elem(_dot_dtype(x.dtype)), device=x.device)
@@ -158,7 +158,7 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
     dz = None
     if need_x or need_aw or need_ab:
         ds = _shrink(dy, b_all.transpose(1, 2), ids, ranks, perm if plan.sort_rows else None, plan, r).sum(0)
-        dz = ds * scales.to(acc)[slot][:, None] * _per_row_activation(z, acts, ids, grad=True) * used
+        dz = torch.where(used, ds * scales.to(acc)[slot][:, None] * _per_row_activation(z, acts, slot, grad=True), 0.0)
     if need_x:
         dx = x.new_empty((m, k))
         _linear(dx, dy, weight.t(), None, dz[None], None, a_all.transpose(1, 2), None, None, ranks, None, ids,
@@ -170,12 +170,14 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
         daw = _segment_gemm(dz, x, perm, offsets, None, s_count, x.dtype)
     if need_ab:
         dab = torch.zeros((s_count, r), dtype=acc, device=x.device).index_add_(0, slot, dz)
+    # A slot no row uses gets exact zeros, not 0·scale (NaN for a non-finite scale).
+    used_scales = torch.where(offsets[1:] > offsets[:-1], scales.to(acc), 0.0)
     if need_bw:
-        s_act = _per_row_activation(z, acts, ids, grad=False) * used
-        dbw = _segment_gemm(dy, s_act, perm, offsets, scales.to(acc), s_count, x.dtype)
+        s_act = torch.where(used, _per_row_activation(z, acts, slot, grad=False), 0.0)
+        dbw = _segment_gemm(dy, s_act, perm, offsets, used_scales, s_count, x.dtype)
     if need_bb:
         dbb = torch.zeros((s_count, dy.shape[1]), dtype=acc, device=x.device)
-        dbb.index_add_(0, slot, dy.to(acc) * used).mul_(scales.to(acc)[:, None])
+        dbb.index_add_(0, slot, torch.where(used, dy.to(acc), 0.0)).mul_(used_scales[:, None])
     return dx, dw, dy.sum(0, dtype=acc) if need_b else None, daw, dab, dbw, dbb
 
 
@@ -185,18 +187,17 @@ def mixed_adapter_linear_op(
     b_bias: Optional[Tensor], scales: Tensor, ranks: Optional[Tensor], acts: Optional[Tensor], ids: Tensor,
     need_z: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Semantics: see the module docstring. Returns (y [M, N], z [M, R] (fp32) or [0]).
+    """Semantics: see the module docstring. Returns (y [M, N], z [M, R] (fp32; fp64 for fp64 x) or [0]):
+    z_i = x_i·A_sᵀ + a_s in a row's first r_s columns, zeros elsewhere, on every path.
 
     Shapes: x [M, K], weight [N, K], bias [N], a_all [S, R, K], a_bias [S, R], b_all [S, N, R],
-    b_bias [S, N], scales [S] fp32, ranks [S] int32, acts [S] int32, ids [M] int32/int64.
+    b_bias [S, N], scales [S] fp32 (fp64 for fp64 x), ranks [S] int32, acts [S] int32, ids [M] int32/int64.
     Inputs are validated by ``adaptkern.mixed`` (ids included); this op trusts them.
     """
     if use_triton(x):
         return _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z)
-    acc = acc_dtype(x.dtype)
-    args = [None if t is None else t.to(acc) for t in (x, weight, bias, a_all, a_bias, b_all, b_bias)]
-    y = reference.mixed_adapter_linear_ref(*args, scales, ranks, acts, ids).to(x.dtype)
-    return y, x.new_empty((0,), dtype=acc)
+    return reference.mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts,
+                                                  ids, need_z)
 
 
 @mixed_adapter_linear_op.register_fake
