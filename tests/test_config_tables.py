@@ -1,5 +1,5 @@
 """Per-GPU config tables (adaptkern/ops/configs): nearest-M lookup, fallbacks to the heuristic,
-the shared-memory fit, schema errors, the shipped tables, and ``adaptkern tune`` without CUDA.
+the shared-memory fit, schema errors, the shipped tables (the tuner that writes them: benchmarks/test_tune.py).
 
 The lookup runs on a CPU here: a fake table in tmp_path, the GPU name faked ("fakegpu"), and
 the interpreter switched off for config.py alone (no kernel runs in these tests, except in
@@ -8,17 +8,12 @@ the interpreter switched off for config.py alone (no kernel runs in these tests,
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import adaptkern
-from adaptkern import cli
-from adaptkern.bench import tune
 from adaptkern.ops import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,24 +220,6 @@ def test_malformed_table_raises_naming_file_and_field(tables, data, raw, field, 
     assert str(path) in text and field in text and message in text, text
 
 
-def test_parse_table_accepts_what_the_tuner_writes():
-    """format_table's output (one line per M) parses back to the same data and validates."""
-    data = _table(
-        gemm={"N=16384": {"8192": {**_gemm_entry(), "ms": 1.5, "heuristic_ms": 1.6, "candidates": 12,
-                                   "heuristic": _gemm_entry()}},
-              "N=4096": {"1": _gemm_entry(), "16": _gemm_entry()}},
-        mixed={"K=4096,R=256": {"64": {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4,
-                                       "num_stages": 3, "split": 8}}},
-        route={"N=4096,R=16": {"1": {"route": "onepass", "ms": 0.1, "heuristic_ms": 0.1, "heuristic": "onepass",
-                                     "onepass_ms": 0.1, "split_ms": None}}},
-    )
-    text = tune.format_table(data)
-    assert json.loads(text) == data
-    table = config.parse_table(json.loads(text), "x.json")
-    assert table.kernels["gemm"]["N=4096"][0] == (1, 16)
-    assert '   "8192": {"block_m"' in text  # one line per entry
-
-
 def test_shipped_tables_are_valid():
     """Every table in adaptkern/ops/configs loads (none exists yet: the README says so)."""
     folder = REPO / "adaptkern" / "ops" / "configs"
@@ -284,106 +261,3 @@ def test_launchers_pass_the_device(monkeypatch):
         assert kwargs.get("device") == x.device, (name, kwargs)
         if name == "choose_route":
             assert kwargs.get("n") == 24
-
-
-# -- adaptkern tune ----------------------------------------------------------------------------
-
-
-def test_tune_without_cuda_exits_2_with_a_clear_message(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    out = tmp_path / "t.json"
-    assert cli.main(["tune", "--quick", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "needs a CUDA GPU" in err and "Nothing was written" in err
-    assert not out.exists()
-    assert cli.main(["tune", "--kernels", "gemm,bogus"]) == 2
-    assert "unknown kernel(s) bogus" in capsys.readouterr().err
-
-
-def test_tune_command_exit_status_without_cuda(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "adaptkern.cli", "tune", "--out", str(tmp_path / "t.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "adaptkern tune needs a CUDA GPU" in proc.stderr
-    assert not (tmp_path / "t.json").exists()
-
-
-class _FakeTimer:
-    """Times a call by the config the lookup hands out (no kernel runs): bigger tiles are faster."""
-
-    def __init__(self, p, overrides=None):
-        self.p, self.overrides = p, overrides or {}
-
-    def __call__(self, fn, memory=True):
-        fn()
-        c = config.gemm_config(self.p.m, self.p.n, 2, device=GPU)
-        ms = self.overrides.get(c, 2.0**41 * (1 + 0.1 * c.num_stages) / (c.block_m**3 * c.block_n**2 * c.block_k))
-        return type("T", (), {"median_ms": ms})()
-
-    def release(self):
-        pass
-
-
-def _fake_tuner(monkeypatch, p, wrong, overrides=None):
-    """A Tuner on a fake GPU whose kernel is 'wrong' (output off by 50 %) for configs ``wrong`` picks."""
-    ref = torch.ones(4, 4)
-
-    def fn():
-        return ref * (1.5 if wrong(config.gemm_config(p.m, p.n, 2, device=GPU)) else 1.0)
-
-    monkeypatch.setattr(tune, "_problem", lambda point, device: tune.Problem(fn, ref, ref))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    logs = []
-    tuner = tune.Tuner(torch.device(GPU), quick=False, log=logs.append)
-    tuner.timer = _FakeTimer(p, overrides)
-    return tuner, logs
-
-
-def test_tuner_never_keeps_a_wrong_config_and_keeps_the_fastest(tables, monkeypatch):
-    p = tune.Point("gemm", 1024, 4096, 16)
-    tuner, logs = _fake_tuner(monkeypatch, p, wrong=lambda c: c.block_n == 256)
-    entry = tuner.tune_point(p)
-    right = [e for e in tune.stage1(p, False) if e["block_n"] != 256]
-    fastest = max(right, key=lambda e: e["block_m"]**3 * e["block_n"]**2 * e["block_k"])
-    assert {k: entry[k] for k in ("block_m", "block_n", "block_k")} == \
-        {k: fastest[k] for k in ("block_m", "block_n", "block_k")}
-    assert entry["num_stages"] == 2  # step 2 found the (fake) cheaper stage count
-    assert tuner.rejected == sum(e["block_n"] == 256 for e in tune.stage1(p, False))
-    assert any("WRONG" in line for line in logs)
-    assert entry["heuristic_ms"] > entry["ms"] and entry["heuristic"] == tune.heuristic_entry(p)
-    config.parse_table(tune._one_entry_table(p, entry), "entry")
-
-
-def test_tuner_keeps_the_heuristic_unless_a_candidate_wins_by_min_gain(tables, monkeypatch):
-    p = tune.Point("gemm", 1024, 4096, 16)
-    heur = config.GemmConfig(**tune.heuristic_entry(p))
-    # every candidate 1 % faster than the heuristic: within MIN_GAIN, the heuristic stays
-    tuner, _ = _fake_tuner(monkeypatch, p, wrong=lambda c: False)
-    tuner.timer.overrides = type("Times", (dict,), {"get": lambda self, c, d: 1.0 if c == heur else 0.99})()
-    entry = tuner.tune_point(p)
-    assert config.GemmConfig(**{k: entry[k] for k in config.GemmConfig._fields}) == heur
-    assert entry["ms"] == entry["heuristic_ms"] == 1.0
-
-
-def test_tune_plan_fits_and_estimates(monkeypatch):
-    """The candidates are launchable table entries that _fit leaves alone; the estimate (assumed
-    costs, not a measurement) stays within the run-time targets: ~8 min, --quick ~2 min."""
-    monkeypatch.setattr(config, "interpreting", lambda: False)  # the GPU's heuristics
-    config.clear_caches()
-    try:
-        for kernel in ("gemm", "onepass", "mixed"):
-            for p in tune.points(kernel, quick=False):
-                cands = tune.stage1(p, quick=False)
-                assert cands, p
-                cands += tune.stage2(p, cands[0]) + [tune.heuristic_entry(p)]
-                fields = config._REQUIRED[kernel] + config._OPTIONAL.get(kernel, ())
-                for e in cands:
-                    assert tune._fits(p, e), (p, e)
-                    config.parse_table(tune._one_entry_table(p, {k: e[k] for k in fields if k in e}), p.label)
-        assert {p.key for p in tune.points("route", quick=False)} == {"N=4096,R=16", "N=4096,R=64",
-                                                                     "N=16384,R=16", "N=16384,R=64"}
-        full, quick = tune.estimate(tune.KERNELS, quick=False), tune.estimate(tune.KERNELS, quick=True)
-        assert full["seconds"] <= 8.5 * 60 and quick["seconds"] <= 2 * 60, (full, quick)
-    finally:
-        config.clear_caches()

@@ -1,7 +1,7 @@
-"""Benchmark cases: the shapes of issues 2 and 5, their inputs, and their work (flops, bytes).
+"""Benchmark cases: the shapes, their inputs, and their work (flops, bytes).
 
 One list of cases feeds ``adaptkern bench``, ``adaptkern check`` and the pytest-benchmark
-suites in ``benchmarks/``, so the three measure the same thing.
+suites in ``benchmarks/``, so all three measure the same thing.
 
 Core suite (one adapter, Llama-8B-like layers, bf16):
     M ∈ {2048, 8192} tokens; (K, N) ∈ {(4096, 4096), (4096, 14336)};
@@ -12,10 +12,12 @@ Mixed suite (every row may use a different LoRA adapter, forward only):
     decode M ∈ {1, 16, 64, 256}, prefill M ∈ {2048, 8192}; S ∈ {1, 8, 32, 128} distinct
     adapters; r ∈ {8, 16, 64}; K = N = 4096. Popularity is uniform: each of the S adapters
     gets M/S rows (±1) in random order, so a batch holds exactly S distinct adapters
-    (cases with S > M are left out: they cannot hold S distinct adapters).
+    (cases with S > M cannot, and are left out).
 
-``--quick`` keeps the cases the targets of issue 5 name. On a CPU, tiny shapes replace all
-of them (a smoke test of the harness, not a measurement).
+``quick`` keeps one representative case per op (see :func:`core_cases`, :func:`mixed_cases`).
+Off a GPU, tiny shapes replace all of them: a smoke test of the harness, not a measurement.
+
+A case id reads ``<kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-S<adapters>]-<dtype>``.
 """
 
 from __future__ import annotations
@@ -34,15 +36,10 @@ _SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 LORA_SCALE = 2.0  # alpha = 2r, a common LoRA setting
 BOTTLENECK_SCALE = 1.0
-
-# Core suite (issue 2)
 CORE_M = (2048, 8192)
 CORE_KN = ((4096, 4096), (4096, 14336))
 CORE_LORA_R = (8, 16, 64)
 CORE_BOTTLENECK_R = 256
-CORE_ACTIVATION = "gelu"
-
-# Mixed suite (issues 3 and 5)
 MIXED_DECODE_M = (1, 16, 64, 256)
 MIXED_PREFILL_M = (2048, 8192)
 MIXED_ADAPTERS = (1, 8, 32, 128)
@@ -81,6 +78,7 @@ class Case:
 
     @property
     def placement(self) -> Optional[str]:
+        """"sequential" or "parallel" for a bottleneck, None for LoRA."""
         return self.kind.split("_", 1)[1] if self.kind.startswith("bottleneck_") else None
 
     @property
@@ -92,70 +90,64 @@ class Case:
         return ("forward",) if self.suite == "mixed" else MODES
 
     def fields(self) -> dict:
-        """The row fields of the results file that describe the case."""
-        d = asdict(self)
-        return {k: d[k] for k in ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype")}
+        """The fields of a results row that describe the case."""
+        return asdict(self)
 
 
 def _core(m, k, n) -> list[Case]:
     out = [Case("core", "lora", m, k, n, r) for r in CORE_LORA_R]
-    out += [Case("core", f"bottleneck_{p}", m, k, n, CORE_BOTTLENECK_R, activation=CORE_ACTIVATION)
-            for p in ("sequential", "parallel")]
-    return out
+    return out + [Case("core", f"bottleneck_{p}", m, k, n, CORE_BOTTLENECK_R, activation="gelu")
+                  for p in ("sequential", "parallel")]
 
 
 def core_cases(*, quick: bool = False, gpu: bool = True) -> list[Case]:
-    """The core suite; ``gpu=False`` gives the CPU smoke shapes."""
+    """The core suite; ``gpu=False`` gives the CPU smoke shapes. ``quick``: LoRA r=16 and the
+    sequential bottleneck at M=8192, K=N=4096."""
     if not gpu:
         smoke = [Case("core", "lora", 64, 128, 128, 8),
                  Case("core", "bottleneck_sequential", 64, 128, 128, 16, activation="gelu"),
                  Case("core", "bottleneck_parallel", 64, 128, 128, 16, activation="gelu")]
         return smoke[:2] if quick else smoke
-    if quick:  # the shapes the targets of issue 5 name
+    if quick:
         return [Case("core", "lora", 8192, 4096, 4096, 16),
-                Case("core", "bottleneck_sequential", 8192, 4096, 4096, CORE_BOTTLENECK_R, activation=CORE_ACTIVATION)]
+                Case("core", "bottleneck_sequential", 8192, 4096, 4096, CORE_BOTTLENECK_R, activation="gelu")]
     return [c for m, (k, n) in itertools.product(CORE_M, CORE_KN) for c in _core(m, k, n)]
 
 
 def mixed_cases(*, quick: bool = False, gpu: bool = True) -> list[Case]:
-    """The mixed-adapter suite (LoRA, forward); ``gpu=False`` gives the CPU smoke shapes."""
+    """The mixed-adapter suite (LoRA, forward); ``gpu=False`` gives the CPU smoke shapes.
+    ``quick``: decode M=64 with 32 adapters, M=256 with 1 and with 128, prefill M=8192 with 8 (r=16)."""
     if not gpu:
         smoke = [Case("mixed", "lora", 64, 128, 128, 8, num_adapters=4),
                  Case("mixed", "lora", 4, 128, 128, 8, num_adapters=1),
                  Case("mixed", "lora", 64, 128, 128, 8, num_adapters=1)]
         return smoke[:1] if quick else smoke
     kn = MIXED_KN
-    if quick:  # the target cases of issue 5
-        return [Case("mixed", "lora", 64, kn, kn, 16, num_adapters=32),
-                Case("mixed", "lora", 256, kn, kn, 16, num_adapters=1),
-                Case("mixed", "lora", 256, kn, kn, 16, num_adapters=128),
-                Case("mixed", "lora", 8192, kn, kn, 16, num_adapters=8)]
+    if quick:
+        return [Case("mixed", "lora", m, kn, kn, 16, num_adapters=s) for m, s in ((64, 32), (256, 1), (256, 128),
+                                                                                  (8192, 8))]
     return [Case("mixed", "lora", m, kn, kn, r, num_adapters=s)
             for m in MIXED_DECODE_M + MIXED_PREFILL_M for s in MIXED_ADAPTERS for r in MIXED_R if s <= m]
 
 
 def select(suite: str, *, quick: bool = False, gpu: bool = True, filter: Optional[str] = None) -> list[Case]:
-    """Cases of ``suite`` ("core", "mixed" or "all"), optionally only ids containing every
-    comma-separated substring of ``filter``."""
+    """Cases of ``suite`` ("core", "mixed" or "all"); with ``filter``, only those whose id
+    contains every comma-separated part of it (may be empty: the caller decides)."""
     if suite not in (*SUITES, "all"):
         raise ValueError(f"suite must be one of {SUITES + ('all',)}, got {suite!r}")
-    cases = []
-    if suite in ("core", "all"):
-        cases += core_cases(quick=quick, gpu=gpu)
-    if suite in ("mixed", "all"):
-        cases += mixed_cases(quick=quick, gpu=gpu)
-    if filter:
-        needles = [f.strip() for f in filter.split(",") if f.strip()]
-        cases = [c for c in cases if all(n in c.id for n in needles)]
-    return cases
+    cases = core_cases(quick=quick, gpu=gpu) if suite in ("core", "all") else []
+    cases += mixed_cases(quick=quick, gpu=gpu) if suite in ("mixed", "all") else []
+    needles = [f.strip() for f in (filter or "").split(",") if f.strip()]
+    return [c for c in cases if all(n in c.id for n in needles)]
 
 
 def check_cases(dtypes: tuple[str, ...], *, gpu: bool = True) -> list[Case]:
-    """Small, odd shapes for ``adaptkern check``: LoRA (a one-pass and a split-sized rank)
-    and both bottleneck placements, in every dtype asked for. Off a GPU the shapes stay
-    small enough for the Triton interpreter (its blocks are 64 wide: 70/129/65 cross them);
-    on a GPU they cross the 128-wide blocks and the one-pass M limit too."""
+    """Small, odd shapes for ``adaptkern check``: LoRA (a one-pass and a split-sized rank),
+    both bottleneck placements, and mixed batches, in every dtype asked for. Off a GPU the
+    shapes stay small enough for the Triton interpreter (its blocks are 64 wide: 70/129/65
+    cross them); on a GPU they cross the 128-wide blocks and the one-pass M limit too."""
     shapes = [(37, 96, 80), (130, 257, 129), (1030, 1024, 1040)] if gpu else [(37, 96, 80), (70, 129, 65)]
+    mixed = ((5, 3), (70, 4)) + (((600, 7), (2100, 16)) if gpu else ())
     out = []
     for dtype in dtypes:
         for m, k, n in shapes:
@@ -163,6 +155,7 @@ def check_cases(dtypes: tuple[str, ...], *, gpu: bool = True) -> list[Case]:
                     Case("check", "lora", m, k, n, 72, dtype=dtype),
                     Case("check", "bottleneck_sequential", m, k, n, 24, activation="gelu", dtype=dtype),
                     Case("check", "bottleneck_parallel", m, k, n, 24, activation="silu", dtype=dtype)]
+        out += [Case("mixed", "lora", m, 96, 80, 8, num_adapters=s, dtype=dtype) for m, s in mixed]
     return out
 
 
@@ -190,9 +183,10 @@ class CoreInputs:
     dy: torch.Tensor
 
     @property
-    def trainable(self) -> list[torch.Tensor]:
-        """x and the adapter's parameters: what forward_backward differentiates."""
-        return [t for t in (self.x, self.down_w, self.down_b, self.up_w, self.up_b) if t is not None]
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """x and the adapter's parameters by name: what forward_backward differentiates."""
+        named = dict(x=self.x, down_w=self.down_w, down_b=self.down_b, up_w=self.up_w, up_b=self.up_b)
+        return {k: v for k, v in named.items() if v is not None}
 
 
 @dataclass
@@ -200,8 +194,8 @@ class MixedInputs:
     """Tensors of a mixed-adapter case, in the layout of ``adaptkern.mixed_lora_linear``.
 
     x [M, K], weight [N, K], bias None, lora_a [S, r, K], lora_b [S, N, r],
-    adapter_ids [M] int32 in [0, S), scales [S] float32; ``groups`` holds, for the eager
-    loop, (slot, row indices int64) per distinct adapter, built once outside the timing.
+    adapter_ids [M] int32 in [-1, S) (-1: base only), scales [S] float32; ``groups`` holds,
+    for the timed eager loop, (slot, row indices int64) per distinct adapter, built once.
     """
 
     x: torch.Tensor
@@ -218,13 +212,9 @@ def _randn(shape, std, dtype, device, gen):
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
 
 
-def _generator(device, seed):
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def make_core_inputs(case: Case, device, seed: int = 0) -> CoreInputs:
     """Inputs with the magnitudes of a trained layer (outputs O(1), B non-zero so the adapter counts)."""
-    g = _generator(device, seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     dt, m, k, n, r = case.torch_dtype, case.M, case.K, case.N, case.rank
     x = _randn((m, k), 1.0, dt, device, g)
     weight = _randn((n, k), k**-0.5, dt, device, g)
@@ -249,30 +239,29 @@ def uniform_adapter_ids(m: int, s: int, seed: int = 0) -> torch.Tensor:
     return ids[torch.randperm(m, generator=g)]
 
 
-def make_mixed_inputs(case: Case, device, seed: int = 0) -> MixedInputs:
-    g = _generator(device, seed)
+def row_groups(ids: torch.Tensor, device) -> list:
+    """[(slot, row indices int64 on ``device``)] for every slot ``ids`` uses (-1 left out)."""
+    ids = ids.cpu()
+    return [(slot, torch.nonzero(ids == slot).flatten().to(device)) for slot in sorted(set(ids.tolist()) - {-1})]
+
+
+def make_mixed_inputs(case: Case, device, seed: int = 0, base_every: int = 0) -> MixedInputs:
+    """Inputs of a mixed case; ``base_every`` > 0 sets every base_every-th row's id to -1."""
+    g = torch.Generator(device=device).manual_seed(seed)
     dt, m, k, n, r, s = case.torch_dtype, case.M, case.K, case.N, case.rank, case.num_adapters
     x = _randn((m, k), 1.0, dt, device, g)
     weight = _randn((n, k), k**-0.5, dt, device, g)
     lora_a = _randn((s, r, k), k**-0.5, dt, device, g)
     lora_b = _randn((s, n, r), r**-0.5, dt, device, g)
     scales = torch.linspace(0.5, 2.0, s, dtype=torch.float32, device=device)
-    ids_cpu = uniform_adapter_ids(m, s, seed)
-    groups = [(slot, torch.nonzero(ids_cpu == slot).flatten().to(device))
-              for slot in sorted(set(ids_cpu.tolist()))]
-    return MixedInputs(x, weight, None, lora_a, lora_b, ids_cpu.to(device), scales, groups)
-
-
-def with_base_rows(inp: MixedInputs, every: int) -> MixedInputs:
-    """The same inputs with every ``every``-th row set to -1 (base only), groups rebuilt."""
-    ids = inp.adapter_ids.cpu().clone()
-    ids[::every] = -1
-    groups = [(slot, torch.nonzero(ids == slot).flatten().to(inp.x.device))
-              for slot in sorted(set(ids.tolist()) - {-1})]
-    return MixedInputs(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, ids.to(inp.x.device), inp.scales, groups)
+    ids = uniform_adapter_ids(m, s, seed)
+    if base_every:
+        ids[::base_every] = -1
+    return MixedInputs(x, weight, None, lora_a, lora_b, ids.to(device), scales, row_groups(ids, device))
 
 
 def make_inputs(case: Case, device, seed: int = 0):
+    """:func:`make_mixed_inputs` or :func:`make_core_inputs`, by the case's suite."""
     return make_mixed_inputs(case, device, seed) if case.suite == "mixed" else make_core_inputs(case, device, seed)
 
 
