@@ -5,8 +5,8 @@ The frozen matmul, the adapter bottleneck and its residual run as one fused kern
 """
 
 from .functional import adapter_linear, bottleneck_linear, lora_linear
-from .mixed import adapter_batch, mixed_adapter_linear, mixed_lora_linear
-from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter
+from .mixed import mixed_adapter_linear, mixed_lora_linear
+from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter, adapter_batch
 from .pool import AdapterPool
 
 __all__ = [
@@ -30,6 +30,10 @@ _INTEGRATIONS = {
     "load_adapterhub": "adapterhub",
 }
 __all__ += sorted(_INTEGRATIONS)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name):

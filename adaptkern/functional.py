@@ -6,86 +6,25 @@ naming the argument and the shapes; the kernels behind them trust what they are 
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import validation as check
 from .ops import reference
 from .ops.adapter_linear import ROUTES, acc_dtype, adapter_linear_op
 from .ops.config import ONEPASS_MAX_RANK
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-
-def _check_tensor(name: str, t, ndim: Optional[int], optional: bool = False) -> None:
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name} must be a tensor, got None")
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def _check_shape(name: str, t: Optional[Tensor], shape: tuple, what: str) -> None:
-    if t is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(t.shape)}")
-
-
-def _check_devices(named: dict) -> None:
-    devices = {n: t.device for n, t in named.items() if t is not None}
-    first = next(iter(devices))
-    for n, d in devices.items():
-        if d != devices[first]:
-            raise ValueError(f"all tensors must be on one device: {first} is on {devices[first]}, {n} is on {d}")
-
-
-def _finite_in(values, dtype: torch.dtype) -> bool:
-    """The one finite-scale rule: every |scale| is at most ``dtype``'s largest finite value (NaN
-    and ±Inf fail), ``dtype`` being the dtype the kernels apply the scale in. ``values``: a float
-    or a tensor (the tensor check reads its values on the host)."""
-    bound = torch.finfo(dtype).max
-    return bool((values.abs() <= bound).all()) if isinstance(values, Tensor) else abs(values) <= bound
-
-
-def _check_scale(scale, name: str = "scale") -> float:
-    """A scalar scale as a float: a real number, not a bool, finite in float32 (a Python float
-    reaches a Triton kernel as fp32)."""
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}")
-    if not _finite_in(scale, torch.float32):
-        raise ValueError(f"{name} must be finite in float32, got {scale}")
-    return float(scale)
-
-
-def _check_dropout(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"dropout_p must be a real number, got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    return float(p)
-
-
-def _check_x(x: Tensor, weight: Tensor) -> tuple[int, int]:
-    _check_tensor("x", x, None)
-    _check_tensor("weight", weight, 2)
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dim [..., K], got shape {tuple(x.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x's last dim must equal weight's K: x {tuple(x.shape)}, weight {tuple(weight.shape)} [N, K]")
-    return n, k
-
-
-def _flatten_rows(x: Tensor) -> tuple[Tensor, torch.Size]:
+def flatten_rows(x: Tensor) -> tuple[Tensor, torch.Size]:
     """(x as [M, K], x's leading dims): M is their product, so K = 0 flattens too."""
     lead = x.shape[:-1]
     return x.reshape(lead.numel(), x.shape[-1]), lead
+
+
+def any_requires_grad(*tensors) -> bool:
+    """Whether autograd will need a backward through these (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def autocast_input(x: Tensor) -> Tensor:
@@ -97,7 +36,7 @@ def autocast_input(x: Tensor) -> Tensor:
     return x
 
 
-def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation="identity", dropout_p=0.0,
+def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation="identity", dropout=0.0,
                    route="auto"):
     """The general fused adapter linear; LoRA and both bottleneck placements reduce to it.
 
@@ -111,29 +50,29 @@ def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation
 
     Errors: TypeError/ValueError naming the argument, all raised before any computation:
     shapes, dtypes, devices, activation, route, ``scale`` (a real number, not a bool, finite
-    in float32), ``dropout_p`` (a real number in [0, 1)).
+    in float32), ``dropout`` (a real number in [0, 1)).
     """
-    n, k = _check_x(x, weight)
-    _check_tensor("bias", bias, 1, optional=True)
-    _check_tensor("a_w", a_w, 2)
-    _check_tensor("a_b", a_b, 1, optional=True)
-    _check_tensor("b_w", b_w, 2)
-    _check_tensor("b_b", b_b, 1, optional=True)
+    n, k = check.linear_input(x, weight)
+    check.tensor("bias", bias, 1, optional=True)
+    check.tensor("a_w", a_w, 2)
+    check.tensor("a_b", a_b, 1, optional=True)
+    check.tensor("b_w", b_w, 2)
+    check.tensor("b_b", b_b, 1, optional=True)
     r = a_w.shape[0]
-    _check_shape("bias", bias, (n,), "N of weight")
-    _check_shape("a_w", a_w, (r, k), "[R, K], K of x and weight")
-    _check_shape("a_b", a_b, (r,), "R of a_w")
+    check.shape("bias", bias, (n,), "N of weight")
+    check.shape("a_w", a_w, (r, k), "[R, K], K of x and weight")
+    check.shape("a_b", a_b, (r,), "R of a_w")
     if b_w.shape[0] != n:
         raise ValueError(f"b_w's first dim must equal N: b_w {tuple(b_w.shape)}, weight {tuple(weight.shape)}")
     if b_w.shape[1] != r:
         raise ValueError(f"rank mismatch: a_w {tuple(a_w.shape)} has R={r}, b_w {tuple(b_w.shape)} has {b_w.shape[1]}")
-    _check_shape("b_b", b_b, (n,), "N of weight")
+    check.shape("b_b", b_b, (n,), "N of weight")
     if r < 1:
         raise ValueError(f"the adapter rank must be at least 1, got a_w {tuple(a_w.shape)}")
-    _check_devices(dict(x=x, weight=weight, bias=bias, a_w=a_w, a_b=a_b, b_w=b_w, b_b=b_b))
-    act = reference.canonical_activation(activation)
-    scale = _check_scale(scale)
-    dropout_p = _check_dropout(dropout_p)
+    check.same_device(dict(x=x, weight=weight, bias=bias, a_w=a_w, a_b=a_b, b_w=b_w, b_b=b_b))
+    act = check.activation(activation)
+    scale = check.real("scale", scale)
+    dropout = check.dropout("dropout", dropout)
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if route == "onepass" and r > 2 * ONEPASS_MAX_RANK:
@@ -141,42 +80,35 @@ def adapter_linear(x, weight, bias, a_w, a_b, b_w, b_b, *, scale=1.0, activation
 
     x = autocast_input(x)
     params = [None if t is None else t.to(x.dtype) for t in (weight, bias, a_w, a_b, b_w, b_b)]
-    x2, lead = _flatten_rows(x)
+    x2, lead = flatten_rows(x)
     if k == 0:  # x·Wᵀ and x·Aᵀ vanish: y = b + s·(f(a)·Bᵀ + c), from the (differentiable) reference
         acc = acc_dtype(x.dtype)
         y = reference.adapter_linear_ref(*(None if t is None else t.to(acc) for t in (x2, *params)), scale, act)
         return y.to(x.dtype).reshape(*lead, n)
     seed = None
-    if dropout_p > 0.0:
+    if dropout > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    need_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    y, _ = adapter_linear_op(x2, *params, scale, act, dropout_p, seed, need_z, route)
+    y, _ = adapter_linear_op(x2, *params, scale, act, dropout, seed, any_requires_grad(x, *params), route)
     return y.reshape(*lead, n)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, dropout_p=0.0, route="auto"):
+def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, dropout=0.0, route="auto"):
     """Fused LoRA linear.
 
     Semantics: y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ.
 
     Shapes: x [..., K], weight [N, K], bias [N] | None, lora_a [r, K], lora_b [N, r]
-    -> y [..., N] in x's dtype. Dropout (when dropout_p > 0) applies to the adapter
+    -> y [..., N] in x's dtype. Dropout (when dropout > 0) applies to the adapter
     branch's x only, as PEFT does. K = 0, M = 0 and errors: as :func:`adapter_linear`.
     """
-    _check_tensor("lora_a", lora_a, 2)
-    _check_tensor("lora_b", lora_b, 2)
+    check.tensor("lora_a", lora_a, 2)
+    check.tensor("lora_b", lora_b, 2)
     if lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(f"rank mismatch: lora_a {tuple(lora_a.shape)} [r, K] vs lora_b {tuple(lora_b.shape)} [N, r]")
     if isinstance(weight, Tensor) and weight.dim() == 2 and lora_a.shape[1] != weight.shape[1]:
         raise ValueError(f"lora_a's K must equal weight's K: lora_a {tuple(lora_a.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    return adapter_linear(x, weight, bias, lora_a, None, lora_b, None, scale=scale, dropout_p=dropout_p, route=route)
-
-
-def _check_placement(placement) -> str:
-    if placement not in reference.PLACEMENTS:
-        raise ValueError(f"placement must be one of {reference.PLACEMENTS}, got {placement!r}")
-    return placement
+    return adapter_linear(x, weight, bias, lora_a, None, lora_b, None, scale=scale, dropout=dropout, route=route)
 
 
 def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bias, *, scale=1.0,
@@ -190,14 +122,15 @@ def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bia
     Shapes: x [..., K], weight [N, K], bias [N] | None, down_weight [R, N] (sequential) or
     [R, K] (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None -> y [..., N].
     The sequential adapter runs through the folded down-projection A = D·W, a = D·b + d;
-    ``folded`` may pass a precomputed (A, a) (``AdapterLinear`` caches it for inference).
+    ``folded`` may pass a precomputed (A [R, K], a [R]) that the caller knows is fresh (a
+    benchmark timing inference, say); it is checked for shape, not for freshness.
     K = 0 (then h = b and x·Dᵀ = 0 on every row), M = 0 and errors: as :func:`adapter_linear`.
     """
-    placement = _check_placement(placement)
-    n, k = _check_x(x, weight)
-    _check_tensor("down_weight", down_weight, 2)
-    _check_tensor("down_bias", down_bias, 1, optional=True)
-    _check_tensor("up_weight", up_weight, 2)
+    placement = check.placement(placement)
+    n, k = check.linear_input(x, weight)
+    check.tensor("down_weight", down_weight, 2)
+    check.tensor("down_bias", down_bias, 1, optional=True)
+    check.tensor("up_weight", up_weight, 2)
     want = n if placement == "sequential" else k
     if down_weight.shape[1] != want:
         dim = "N (the linear's output: sequential placement)" if placement == "sequential" else "K (parallel placement)"
@@ -209,12 +142,18 @@ def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bia
     if placement == "parallel":
         a_w, a_b = down_weight, down_bias
     elif folded is not None:
+        if not isinstance(folded, (tuple, list)) or len(folded) != 2:
+            raise TypeError(f"folded must be a pair (A [R, K], a [R]), got {type(folded).__name__}")
         a_w, a_b = folded
+        check.tensor("folded[0]", a_w, 2)
+        check.tensor("folded[1]", a_b, 1)
+        check.shape("folded[0]", a_w, (down_weight.shape[0], k), "[R, K]: D·W")
+        check.shape("folded[1]", a_b, (down_weight.shape[0],), "[R]: D·b + d")
     else:
-        _check_tensor("bias", bias, 1, optional=True)
-        _check_shape("bias", bias, (n,), "N of weight")
-        _check_shape("down_bias", down_bias, (down_weight.shape[0],), "R of down_weight")
-        _check_devices(dict(weight=weight, bias=bias, down_weight=down_weight, down_bias=down_bias))
+        check.tensor("bias", bias, 1, optional=True)
+        check.shape("bias", bias, (n,), "N of weight")
+        check.shape("down_bias", down_bias, (down_weight.shape[0],), "R of down_weight")
+        check.same_device(dict(weight=weight, bias=bias, down_weight=down_weight, down_bias=down_bias))
         a_w, a_b = reference.fold_sequential(weight, bias, down_weight, down_bias)
     return adapter_linear(x, weight, bias, a_w, a_b, up_weight, up_bias, scale=scale, activation=activation,
                           route=route)

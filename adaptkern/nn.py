@@ -2,71 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from numbers import Integral, Real
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _check_placement, _check_x, autocast_input, bottleneck_linear, lora_linear
+from . import validation as check
+from .functional import any_requires_grad, autocast_input, bottleneck_linear, lora_linear
+from .mixed import run_mixed
 from .ops import reference
-from .ops.mixed_adapter_linear import mixed_adapter_linear_op
 from .ops.triton_kernels import ACT_CODES
-
-_FP32_MAX = torch.finfo(torch.float32).max
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+from .pool import SlotStack
 
 
-def _real(name: str, value) -> float:
-    """``value`` as a float: a real number (not a bool), finite in float32, the precision the
-    kernels apply scales in; else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not abs(value) <= _FP32_MAX:
-        raise ValueError(f"{name} must be finite (in float32), got {value!r}")
-    return float(value)
+def lora_arguments(r, alpha=None, dropout=0.0, use_rslora=False, *, lora_alpha=None, lora_dropout=None) -> dict:
+    """Check LoRA arguments (TypeError/ValueError naming each) -> {r, alpha, dropout, use_rslora}.
+
+    ``lora_alpha`` / ``lora_dropout`` are PEFT's names for ``alpha`` / ``dropout``; giving both
+    spellings of one is a TypeError. alpha None means alpha = r.
+    """
+    if lora_alpha is not None:
+        if alpha is not None:
+            raise TypeError(f"give alpha or lora_alpha (PEFT's name for it), not both: alpha={alpha!r}, "
+                            f"lora_alpha={lora_alpha!r}")
+        alpha = check.real("lora_alpha", lora_alpha)
+    if lora_dropout is not None:
+        if dropout != 0.0:
+            raise TypeError(f"give dropout or lora_dropout (PEFT's name for it), not both: dropout={dropout!r}, "
+                            f"lora_dropout={lora_dropout!r}")
+        dropout = check.dropout("lora_dropout", lora_dropout)
+    r = check.positive_int("r", r)
+    return dict(r=r, alpha=float(r) if alpha is None else check.real("alpha", alpha),
+                dropout=check.dropout("dropout", dropout), use_rslora=bool(use_rslora))
 
 
-def _dropout(name: str, value) -> float:
-    p = _real(name, value)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return p
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def bottleneck_arguments(rank, activation="relu", placement="sequential", scale=1.0) -> dict:
+    """Check bottleneck arguments (TypeError/ValueError naming each) -> {rank, activation, placement, scale}."""
+    return dict(rank=check.positive_int("rank", rank), activation=check.activation(activation),
+                placement=check.placement(placement), scale=check.real("scale", scale))
 
 
 class LoraAdapter(nn.Module):
     """LoRA weights of one adapter: ``lora_A [r, in]`` (Kaiming-uniform), ``lora_B [out, r]`` (zeros).
 
     Semantics: adds scale·(dropout(x)·Aᵀ)·Bᵀ, scale = alpha/r (alpha/√r with rsLoRA).
-    Raises TypeError/ValueError naming the argument for a bad r, alpha or dropout.
+    Arguments as :func:`lora_arguments`.
     """
 
     kind = "lora"
 
     def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, use_rslora=False, *,
-                 device=None, dtype=None):
+                 lora_alpha=None, lora_dropout=None, device=None, dtype=None):
         super().__init__()
-        self.r = _positive_int("r", r)
-        self.alpha = float(r) if alpha is None else _real("alpha", alpha)
-        self.dropout = _dropout("dropout", dropout)
-        self.use_rslora = bool(use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        args = lora_arguments(r, alpha, dropout, use_rslora, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        self.r, self.alpha, self.dropout = args["r"], args["alpha"], args["dropout"]
+        self.use_rslora = args["use_rslora"]
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: B = 0, so no change until trained
+
+    @property
+    def rank(self) -> int:
+        return self.r
 
     @property
     def scale(self) -> float:
@@ -81,32 +82,33 @@ class LoraAdapter(nn.Module):
 
 
 class BottleneckAdapter(nn.Module):
-    """Bottleneck adapter weights: ``down_weight [size, N | K]``, ``down_bias [size]``,
-    ``up_weight [N, size]`` and ``up_bias [N]`` (both zeros at creation).
+    """Bottleneck adapter weights: ``down_weight [rank, N | K]``, ``down_bias [rank]``,
+    ``up_weight [N, rank]`` and ``up_bias [N]`` (both zeros at creation).
 
     Semantics: sequential adds scale·(f(h·Dᵀ + d)·Uᵀ + u) to h = x·Wᵀ + b; parallel reads x.
-    Raises TypeError/ValueError naming the argument for a bad size, activation, placement or scale.
+    Arguments as :func:`bottleneck_arguments`.
     """
 
     kind = "bottleneck"
 
-    def __init__(self, in_features, out_features, size, activation="relu", placement="sequential", scale=1.0, *,
+    def __init__(self, in_features, out_features, rank, activation="relu", placement="sequential", scale=1.0, *,
                  device=None, dtype=None):
         super().__init__()
-        size = _positive_int("size", size)
-        self.activation = reference.canonical_activation(activation)
-        self.placement = _check_placement(placement)
-        self.scale = _real("scale", scale)
-        reads = out_features if placement == "sequential" else in_features
-        down = nn.Linear(reads, size, device=device, dtype=dtype)
+        args = bottleneck_arguments(rank, activation, placement, scale)
+        self.activation, self.placement, self.scale = args["activation"], args["placement"], args["scale"]
+        reads = out_features if self.placement == "sequential" else in_features
+        down = nn.Linear(reads, args["rank"], device=device, dtype=dtype)
         self.down_weight = nn.Parameter(down.weight.detach())
         self.down_bias = nn.Parameter(down.bias.detach())
-        self.up_weight = nn.Parameter(torch.zeros(out_features, size, device=device, dtype=dtype))
+        self.up_weight = nn.Parameter(torch.zeros(out_features, args["rank"], device=device, dtype=dtype))
         self.up_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
 
+    @property
+    def rank(self) -> int:
+        return self.down_weight.shape[0]
+
     def extra_repr(self) -> str:
-        return f"size={self.down_weight.shape[0]}, activation={self.activation}, placement={self.placement}, " \
-               f"scale={self.scale:g}"
+        return f"rank={self.rank}, activation={self.activation}, placement={self.placement}, scale={self.scale:g}"
 
 
 class AdapterLinear(nn.Linear):
@@ -130,7 +132,8 @@ class AdapterLinear(nn.Linear):
         self.adapters = nn.ModuleDict()
         self._active: Optional[str] = None
         self._merged: Optional[str] = None
-        self._batch_ids: Optional[Tensor] = None  # set by adaptkern.adapter_batch
+        self._slots: dict[str, int] = {}  # adapter name -> slot index (what adapter_ids name)
+        self._batch_ids: Optional[Tensor] = None  # set by adapter_batch
         self._slot_meta = None  # cache of _slot_metadata
 
     @classmethod
@@ -154,10 +157,7 @@ class AdapterLinear(nn.Linear):
     # -- adapter management -------------------------------------------------------------
 
     def _new_name(self, name) -> str:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        if "." in name:
-            raise ValueError(f"adapter name may not contain '.', got {name!r}")
+        check.adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} already exists; delete_adapter it first")
         return name
@@ -167,48 +167,44 @@ class AdapterLinear(nn.Linear):
 
     def _add(self, name: str, adapter: nn.Module) -> nn.Module:
         self.adapters[name] = adapter
+        self._slots[name] = min(set(range(len(self._slots) + 1)) - set(self._slots.values()))
         if self._active is None:
             self._active = name
         return adapter
 
-    def add_lora(self, name: str, r: int, alpha: Optional[float] = None, dropout: float = 0.0,
-                 use_rslora: bool = False, *, lora_alpha: Optional[float] = None,
+    def add_lora(self, name: str, r: int, *, alpha: Optional[float] = None, dropout: float = 0.0,
+                 use_rslora: bool = False, lora_alpha: Optional[float] = None,
                  lora_dropout: Optional[float] = None) -> LoraAdapter:
-        """Add LoRA adapter ``name`` (A Kaiming-uniform, B zeros).
+        """Add LoRA adapter ``name`` (A Kaiming-uniform, B zeros) in the lowest free slot.
 
         Semantics: adds scale·(dropout(x)·Aᵀ)·Bᵀ, scale = alpha/r (alpha/√r with rsLoRA; alpha
         None: r) when active. As PEFT, adding does not change which adapter is active; ``name``
-        becomes active only on a layer with none active. ``lora_alpha`` / ``lora_dropout`` are
-        PEFT's names for ``alpha`` / ``dropout``; giving a non-default ``alpha``/``dropout`` too is
-        a TypeError. Every argument is checked (TypeError/ValueError naming it) before anything
-        changes.
+        becomes active only on a layer with none active. Arguments as :func:`lora_arguments`,
+        all checked before anything changes.
         """
-        if lora_alpha is not None:
-            if alpha is not None:
-                raise TypeError(f"give alpha or lora_alpha (PEFT's name for it), not both: alpha={alpha!r}, "
-                                f"lora_alpha={lora_alpha!r}")
-            alpha = _real("lora_alpha", lora_alpha)
-        if lora_dropout is not None:
-            if dropout != 0.0:
-                raise TypeError(f"give dropout or lora_dropout (PEFT's name for it), not both: dropout={dropout!r}, "
-                                f"lora_dropout={lora_dropout!r}")
-            dropout = _dropout("lora_dropout", lora_dropout)
         self._new_name(name)
         return self._add(name, LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora,
-                                           **self._factory()))
+                                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, **self._factory()))
 
-    def add_bottleneck(self, name: str, size: int, activation: str = "relu", placement: str = "sequential",
+    def add_bottleneck(self, name: str, rank: int, *, activation: str = "relu", placement: str = "sequential",
                        scale: float = 1.0) -> BottleneckAdapter:
-        """Add bottleneck adapter ``name`` (up-projection zeros).
+        """Add bottleneck adapter ``name`` (up-projection zeros) in the lowest free slot.
 
         Semantics: adds scale·(f(h·Dᵀ + d)·Uᵀ + u) to h = x·Wᵀ + b (sequential; parallel reads x)
         when active. As PEFT, adding does not change which adapter is active; ``name`` becomes
-        active only on a layer with none active. Every argument is checked (TypeError/ValueError
-        naming it) before anything changes.
+        active only on a layer with none active. Arguments as :func:`bottleneck_arguments`, all
+        checked before anything changes.
         """
         self._new_name(name)
-        return self._add(name, BottleneckAdapter(self.in_features, self.out_features, size, activation, placement,
+        return self._add(name, BottleneckAdapter(self.in_features, self.out_features, rank, activation, placement,
                                                  scale, **self._factory()))
+
+    @property
+    def adapter_slots(self) -> dict[str, int]:
+        """Adapter name -> slot: the id ``forward(x, adapter_ids)`` uses for it. A slot stays
+        the adapter's until it is deleted (deleting never renumbers the others); a new adapter
+        takes the lowest free slot."""
+        return dict(self._slots)
 
     def _get(self, name: str):
         if not isinstance(name, str) or name not in self.adapters:
@@ -240,6 +236,7 @@ class AdapterLinear(nn.Linear):
         if name == self._merged:
             raise ValueError(f"adapter {name!r} is merged into the weight; unmerge() it before deleting")
         del self.adapters[name]
+        del self._slots[name]
         if self._active == name:
             self._active = None
 
@@ -311,7 +308,8 @@ class AdapterLinear(nn.Linear):
 
     def forward(self, x: Tensor, adapter_ids=None) -> Tensor:
         """Semantics: y = x·Wᵀ + b + the active adapter's term; with ``adapter_ids``, row i uses
-        adapter number ``adapter_ids[i]`` (in ``self.adapters`` order; -1: base only).
+        the adapter in slot ``adapter_ids[i]`` (see :attr:`adapter_slots`; -1 or a free slot:
+        base only).
 
         Shapes: x [..., in_features]; adapter_ids (a tensor on x's device, or a list of ints)
         [rows], shaped like x's leading dims, or, for x [B, T, in], [B] (one per sequence) ->
@@ -327,7 +325,7 @@ class AdapterLinear(nn.Linear):
         adapter = self.adapters[name]
         if adapter.kind == "lora":
             return lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, scale=adapter.scale,
-                               dropout_p=adapter.dropout if self.training else 0.0)
+                               dropout=adapter.dropout if self.training else 0.0)
         if adapter.placement == "sequential":
             return self._sequential(x, adapter)
         return bottleneck_linear(x, self.weight, self.bias, adapter.down_weight, adapter.down_bias,
@@ -346,10 +344,10 @@ class AdapterLinear(nn.Linear):
         and bytes the cached fold did (+1 MFLOP, +1 MiB of D and U over the 32 MiB of W), run as
         the base GEMM plus five small eager kernels instead of one fused kernel.
         """
-        _check_x(x, self.weight)
-        r = adapter.down_weight.shape[0]
+        check.linear_input(x, self.weight)
+        r = adapter.rank
         params = (self.weight, self.bias, adapter.down_weight, adapter.down_bias, adapter.up_weight, adapter.up_bias)
-        if x.shape[:-1].numel() >= 8 * r or _needs_grad(x, *params):
+        if x.shape[:-1].numel() >= 8 * r or any_requires_grad(x, *params):
             return bottleneck_linear(x, *params, scale=adapter.scale, activation=adapter.activation)
         x = autocast_input(x)
         w, b, d_w, d_b, u_w, u_b = (None if t is None else t.to(x.dtype) for t in params)
@@ -357,9 +355,8 @@ class AdapterLinear(nn.Linear):
         return h + adapter.scale * F.linear(reference.activation(F.linear(h, d_w, d_b), adapter.activation), u_w, u_b)
 
     def _slot_tensors(self, adapter, r_max: int):
-        """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one pool slot,
-        differentiable; a sequential bottleneck is folded in every call (nothing kept stale)."""
-        n = self.out_features
+        """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one slot, padded
+        to r_max, differentiable; a sequential bottleneck is folded in every call (nothing kept)."""
         if adapter.kind == "lora":
             a_w, a_b, b_w, b_b, act = adapter.lora_A, None, adapter.lora_B, None, "identity"
         else:
@@ -368,12 +365,27 @@ class AdapterLinear(nn.Linear):
                 a_w, a_b = adapter.down_weight, adapter.down_bias
             else:
                 a_w, a_b = reference.fold_sequential(self.weight, self.bias, adapter.down_weight, adapter.down_bias)
-        r = a_w.shape[0]
-        pad = r_max - r
-        a_b = a_b if a_b is not None else a_w.new_zeros(r)
-        b_b = b_b if b_b is not None else a_w.new_zeros(n)
-        pad_rows, pad_cols = F.pad(a_w, (0, 0, 0, pad)), F.pad(b_w, (0, pad))
-        return pad_rows, F.pad(a_b, (0, pad)), pad_cols, b_b, adapter.scale, ACT_CODES[act], r
+        pad = r_max - adapter.rank
+        a_b = a_w.new_zeros(adapter.rank) if a_b is None else a_b
+        b_b = a_w.new_zeros(self.out_features) if b_b is None else b_b
+        return (F.pad(a_w, (0, 0, 0, pad)), F.pad(a_b, (0, pad)), F.pad(b_w, (0, pad)), b_b, adapter.scale,
+                ACT_CODES[act], adapter.rank)
+
+    def _slot_stack(self, r_max: int) -> list:
+        """One _slot_tensors entry per slot 0..max slot; a free slot is rank 0 (base only)."""
+        by_slot = {slot: self.adapters[name] for name, slot in self._slots.items()}
+        n, k, f = self.out_features, self.in_features, self._factory()
+        empty = None
+        stack = []
+        for slot in range(max(by_slot) + 1):
+            if slot in by_slot:
+                stack.append(self._slot_tensors(by_slot[slot], r_max))
+                continue
+            if empty is None:
+                empty = (torch.zeros(r_max, k, **f), torch.zeros(r_max, **f), torch.zeros(n, r_max, **f),
+                         torch.zeros(n, **f), 0.0, 0, 0)
+            stack.append(empty)
+        return stack
 
     def _slot_metadata(self, slots, device, acc) -> tuple:
         """(scales, acts, ranks) device tensors, rebuilt only when their values change: no
@@ -386,9 +398,25 @@ class AdapterLinear(nn.Linear):
                                      torch.tensor(values[2], dtype=torch.int32, device=device)))
         return self._slot_meta[1]
 
-    def _mixed_forward(self, x: Tensor, adapter_ids) -> Tensor:
-        from .mixed import check_adapter_ids
+    def _mixed_ids(self, x: Tensor, adapter_ids) -> Tensor:
+        """adapter_ids as one slot per row of x: ids from :func:`adapter_batch` are expanded for
+        generate's repeat_interleave (beams, num_return_sequences); for x [B, T, ...], one id per
+        sequence is repeated over its tokens."""
+        lead = x.shape[:-1]
+        rows, num_slots = lead.numel(), max(self._slots.values()) + 1
+        ids = adapter_ids
+        from_context = ids is self._batch_ids  # built by adapter_batch from names: valid by construction
+        per_sequence = x.dim() >= 3 and x.shape[0] != rows
+        if from_context and x.dim() >= 2 and 0 < ids.numel() < x.shape[0] and x.shape[0] % ids.numel() == 0:
+            ids = ids.repeat_interleave(x.shape[0] // ids.numel())
+        elif per_sequence and isinstance(ids, (list, tuple)) and len(ids) == x.shape[0] and \
+                not isinstance(ids[0], (list, tuple)):
+            ids = check.adapter_ids(ids, len(ids), num_slots, validate=False, device=x.device)
+        if per_sequence and isinstance(ids, Tensor) and ids.dim() == 1 and ids.numel() == x.shape[0]:
+            ids = ids.repeat_interleave(rows // x.shape[0])
+        return check.adapter_ids(ids, rows, num_slots, validate=not from_context, lead=lead, device=x.device)
 
+    def _mixed_forward(self, x: Tensor, adapter_ids) -> Tensor:
         if self._merged is not None:
             raise ValueError(f"adapter {self._merged!r} is merged into the weight; unmerge() before mixed batches")
         if self.training and any(getattr(a, "dropout", 0.0) > 0 for a in self.adapters.values()):
@@ -396,33 +424,49 @@ class AdapterLinear(nn.Linear):
                                       "call eval()")
         if not self.adapters:
             raise ValueError("adapter_ids given, but this layer has no adapters")
-        _check_x(x, self.weight)
+        check.linear_input(x, self.weight)
         x = autocast_input(x)
-        lead = x.shape[:-1]
-        rows = lead.numel()
-        ids = adapter_ids
-        from_context = ids is self._batch_ids  # built by adapter_batch from names: valid by construction
-        per_sequence = x.dim() >= 3 and x.shape[0] != rows  # x [B, T, ...]: ids may give one id per sequence
-        if from_context and x.dim() >= 2 and 0 < ids.numel() < x.shape[0] and x.shape[0] % ids.numel() == 0:
-            ids = ids.repeat_interleave(x.shape[0] // ids.numel())  # generate's repeat_interleave (beams, samples)
-        elif per_sequence and isinstance(ids, (list, tuple)) and len(ids) == x.shape[0] and \
-                not isinstance(ids[0], (list, tuple)):
-            ids = check_adapter_ids(ids, len(ids), len(self.adapters), validate=False, device=x.device)
-        if per_sequence and isinstance(ids, Tensor) and ids.dim() == 1 and ids.numel() == x.shape[0]:
-            ids = ids.repeat_interleave(rows // x.shape[0])  # one id per sequence -> one per token
-        ids = check_adapter_ids(ids, rows, len(self.adapters), validate=not from_context, lead=lead, device=x.device)
-        r_max = max(a.r if a.kind == "lora" else a.down_weight.shape[0] for a in self.adapters.values())
-        slots = [self._slot_tensors(a, r_max) for a in self.adapters.values()]
+        ids = self._mixed_ids(x, adapter_ids)
+        r_max = max(a.rank for a in self.adapters.values())
+        slots = self._slot_stack(r_max)
         lora_only = all(a.kind == "lora" for a in self.adapters.values())
-        a_all, a_bias, b_all, b_bias = (None if lora_only and i in (1, 3) else torch.stack([s[i] for s in slots])
-                                        for i in range(4))
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        scales, acts, ranks = self._slot_metadata(slots, x.device, acc)
-        params = [self.weight, self.bias, a_all, a_bias, b_all, b_bias]
-        params = [None if t is None else t.to(x.dtype) for t in params]
-        y, _ = mixed_adapter_linear_op(x.reshape(rows, self.in_features), *params, scales, ranks,
-                                       None if lora_only else acts, ids, _needs_grad(x, *params))
-        return y.reshape(*lead, self.out_features)
+        down_w, down_b, up_w, up_b = (None if lora_only and i in (1, 3) else torch.stack([s[i] for s in slots])
+                                      .to(x.dtype) for i in range(4))
+        scales, acts, ranks = self._slot_metadata(slots, x.device, torch.promote_types(x.dtype, torch.float32))
+        stack = SlotStack(down_w, down_b, up_w, up_b, scales, ranks, None if lora_only else acts)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = run_mixed(x.reshape(-1, self.in_features), self.weight.to(x.dtype), bias, stack, ids)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={list(self.adapters)}, active={self._active!r}"
+
+
+@contextlib.contextmanager
+def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
+    """Within the block, row b of every batch (sequence b of a [B, T, K] input) uses adapter
+    ``names[b]`` (None: base only) in every AdapterLinear of ``module``.
+
+    Semantics: each layer maps names to its slots (:attr:`AdapterLinear.adapter_slots`); a
+    layer that does not hold a named adapter runs its base for those rows, as PEFT does for
+    modules an adapter does not target. Works for ``model(...)`` and ``model.generate``,
+    beams and ``num_return_sequences`` included (generate's expanded batch is mapped back).
+    """
+    layers = [m for m in module.modules() if isinstance(m, AdapterLinear)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} holds no AdapterLinear layers")
+    if isinstance(names, str) or not all(n is None or isinstance(n, str) for n in names):
+        raise TypeError(f"names must be a sequence of adapter names or None, got {names!r}")
+    known = set().union(*(m.adapters.keys() for m in layers))
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; the model has {sorted(known)}")
+    previous = [m._batch_ids for m in layers]
+    for m in layers:
+        m._batch_ids = torch.tensor([m._slots.get(n, -1) if n is not None else -1 for n in names],
+                                    dtype=torch.int32, device=m.weight.device)
+    try:
+        yield module
+    finally:
+        for m, ids in zip(layers, previous):
+            m._batch_ids = ids

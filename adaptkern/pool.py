@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-import math
-import numbers
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .functional import _check_placement
+from . import validation as check
 from .ops import reference
 from .ops.triton_kernels import ACT_CODES
+
+
+class SlotStack(NamedTuple):
+    """Stacked adapter slots as the mixed op reads them (one slot per adapter id).
+
+    Shapes: down_weight [S, R_max, K], down_bias [S, R_max] | None, up_weight [S, N, R_max],
+    up_bias [S, N] | None, scales [S] float32 (float64 for float64 x), ranks [S] int32 (slot
+    s uses columns [0, ranks[s]); 0: base only), acts [S] int32 activation codes | None (all
+    identity).
+    """
+
+    down_weight: Tensor
+    down_bias: Optional[Tensor]
+    up_weight: Tensor
+    up_bias: Optional[Tensor]
+    scales: Tensor
+    ranks: Tensor
+    acts: Optional[Tensor]
 
 
 class AdapterPool:
@@ -23,7 +40,8 @@ class AdapterPool:
     the kernels' rank loop. Tensors keep fixed addresses across load/evict, so a captured
     CUDA graph sees new adapters without re-capture.
 
-    Shapes: lora_a [S, R_max, K], lora_b [S, N, R_max], a_bias [S, R_max], b_bias [S, N] in
+    Shapes: down_weight [S, R_max, K], up_weight [S, N, R_max], down_bias [S, R_max],
+    up_bias [S, N] (LoRA slots store lora_A as down_weight, lora_B as up_weight) in
     ``dtype`` (a floating dtype), scales [S] in the kernels' accumulate dtype (float64 for a
     float64 pool, else float32), ranks [S] int32, acts [S] int32.
 
@@ -36,18 +54,17 @@ class AdapterPool:
                  device=None):
         for name, v in (("in_features", in_features), ("out_features", out_features), ("num_slots", num_slots),
                         ("max_rank", max_rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check.positive_int(name, v)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank = num_slots, max_rank
         f = dict(dtype=dtype, device=device)
-        self.lora_a = torch.zeros(num_slots, max_rank, in_features, **f)
-        self.lora_b = torch.zeros(num_slots, out_features, max_rank, **f)
-        self.a_bias = torch.zeros(num_slots, max_rank, **f)
-        self.b_bias = torch.zeros(num_slots, out_features, **f)
+        self.down_weight = torch.zeros(num_slots, max_rank, in_features, **f)
+        self.down_bias = torch.zeros(num_slots, max_rank, **f)
+        self.up_weight = torch.zeros(num_slots, out_features, max_rank, **f)
+        self.up_bias = torch.zeros(num_slots, out_features, **f)
         scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.scales = torch.zeros(num_slots, dtype=scale_dtype, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
@@ -56,11 +73,11 @@ class AdapterPool:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lora_a.dtype
+        return self.down_weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lora_a.device
+        return self.down_weight.device
 
     def _slot(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
@@ -73,9 +90,7 @@ class AdapterPool:
             raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
-        return t.detach().to(device=self.device)
+        return check.finite_tensor(name, t).detach().to(device=self.device)
 
     def _cast(self, name: str, t):
         """``t`` (or None) in the pool's dtype, refused if the cast (or a fold before it) overflowed."""
@@ -98,29 +113,21 @@ class AdapterPool:
             raise ValueError(f"{name} rank {r} is outside [1, max_rank={self.max_rank}]")
         return r
 
-    def _scale(self, scale) -> Tensor:
-        """``scale`` as a 0-d tensor of the scales' dtype, refused unless a finite real number there."""
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-        try:
-            value = torch.tensor(float(scale), dtype=self.scales.dtype)
-        except OverflowError:  # an int beyond float64
-            value = torch.tensor(math.inf)
-        if not bool(torch.isfinite(value)):
-            raise ValueError(f"scale must be finite in the pool's scale dtype {self.scales.dtype}, got {scale!r}")
-        return value
+    def _scale(self, scale) -> float:
+        """``scale``: a real number finite in the scales' dtype."""
+        return check.real("scale", scale, self.scales.dtype)
 
     @torch.no_grad()
     def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act):
         """Write a checked adapter (tensors already in the pool's dtype) into ``slot``: cannot fail."""
         r = a_w.shape[0]
         self._clear(slot)
-        self.lora_a[slot, :r].copy_(a_w)
-        self.lora_b[slot, :, :r].copy_(b_w)
+        self.down_weight[slot, :r].copy_(a_w)
+        self.up_weight[slot, :, :r].copy_(b_w)
         if a_b is not None:
-            self.a_bias[slot, :r].copy_(a_b)
+            self.down_bias[slot, :r].copy_(a_b)
         if b_b is not None:
-            self.b_bias[slot].copy_(b_b)
+            self.up_bias[slot].copy_(b_b)
         self.scales[slot] = scale
         self.ranks[slot] = r
         self.acts[slot] = ACT_CODES[act]
@@ -145,8 +152,8 @@ class AdapterPool:
         (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None.
         """
         slot = self._slot(slot)
-        placement = _check_placement(placement)
-        act = reference.canonical_activation(activation)
+        placement = check.placement(placement)
+        act = check.activation(activation)
         reads = self.out_features if placement == "sequential" else self.in_features
         r = self._rank("down_weight", down_weight)
         d = self._check("down_weight", down_weight, (r, reads))
@@ -171,22 +178,22 @@ class AdapterPool:
         self._clear(self._slot(slot))
 
     def _clear(self, slot: int) -> None:
-        for t in (self.lora_a, self.lora_b, self.a_bias, self.b_bias):
+        for t in (self.down_weight, self.down_bias, self.up_weight, self.up_bias):
             t[slot].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
         self.acts[slot] = 0
         self.kinds[slot] = None
 
-    def kernel_tensors(self, dtype: torch.dtype) -> tuple:
-        """(a_all, a_bias, b_all, b_bias, scales, ranks, acts) for ``adaptkern::mixed_adapter_linear``.
+    def slot_stack(self, dtype: torch.dtype) -> SlotStack:
+        """The pool as the mixed op reads it, adapter tensors in ``dtype`` (x's dtype).
 
         Always the full set, whatever kinds are loaded now: a CUDA graph captured while the
         pool held only LoRA slots must stay right after a bottleneck is loaded.
         """
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        return (self.lora_a.to(dtype), self.a_bias.to(dtype), self.lora_b.to(dtype), self.b_bias.to(dtype),
-                self.scales.to(acc), self.ranks, self.acts)
+        acc = torch.promote_types(dtype, torch.float32)
+        return SlotStack(self.down_weight.to(dtype), self.down_bias.to(dtype), self.up_weight.to(dtype),
+                         self.up_bias.to(dtype), self.scales.to(acc), self.ranks, self.acts)
 
     def __repr__(self) -> str:
         used = sum(k is not None for k in self.kinds)

@@ -173,11 +173,11 @@ def test_lora_dropout_changes_only_the_adapter_branch(device):
     inputs = make_inputs(30, 20, 10, 4, torch.float32)
     x, w, b, a_w, _, b_w, _ = (t.to(device) if t is not None else None for t in inputs)
     torch.manual_seed(0)
-    y1 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout_p=0.5)
-    y2 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout_p=0.5)
+    y1 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout=0.5)
+    y2 = adaptkern.lora_linear(x, w, b, a_w, b_w, dropout=0.5)
     assert not torch.equal(y1, y2), "a fresh seed per call"
     base = torch.nn.functional.linear(x, w, b)
-    assert torch.allclose(adaptkern.lora_linear(x, w, b, a_w, torch.zeros_like(b_w), dropout_p=0.5), base,
+    assert torch.allclose(adaptkern.lora_linear(x, w, b, a_w, torch.zeros_like(b_w), dropout=0.5), base,
                           rtol=1e-5, atol=1e-5)
 
 

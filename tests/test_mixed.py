@@ -200,8 +200,8 @@ def test_adapter_linear_mixed_gradients_per_adapter(path, device, monkeypatch):
     torch.manual_seed(3)
     m = adaptkern.AdapterLinear.from_linear(nn.Linear(20, 18)).to(device)
     m.add_lora("l1", 4)
-    m.add_bottleneck("seq", 6, "gelu", "sequential")
-    m.add_bottleneck("par", 3, "relu", "parallel", scale=0.7)
+    m.add_bottleneck("seq", 6, activation="gelu", placement="sequential")
+    m.add_bottleneck("par", 3, activation="relu", placement="parallel", scale=0.7)
     m.add_lora("l2", 2, alpha=5)
     for p in m.adapters.parameters():
         nn.init.normal_(p, std=0.3)

@@ -35,7 +35,7 @@ def _peft_and_adaptkern():
         model.add_adapter(name, peft.LoraConfig(init_lora_weights=False, **ADAPTERS[name]))
     model.eval()
     for name, spec in ADAPTERS.items():
-        adaptkern.add_lora(ours, name, spec["r"], spec["lora_alpha"], spec["target_modules"])
+        adaptkern.add_lora(ours, name, spec["r"], alpha=spec["lora_alpha"], target_modules=spec["target_modules"])
     for path, layer in model.base_model.model.named_modules():
         if hasattr(layer, "lora_A"):
             target = ours.get_submodule(path)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptkern
-from adaptkern.mixed import check_adapter_ids
+from adaptkern import validation
 from adaptkern.ops import config, reference
 
 from .helpers import assert_close_to_ref
@@ -138,7 +138,7 @@ def test_ids_as_python_lists_and_tuples():
     for s in range(3):
         pool.load_lora(s, a[s], bb[s], scale=float(scales[s]))
     assert_close_to_ref("pool, list ids", adaptkern.mixed_adapter_linear(x, w, b, pool, ids), want)
-    flat = check_adapter_ids(ids, 5, 3, True, (5,), device=x.device)
+    flat = validation.adapter_ids(ids, 5, 3, validate=True, lead=(5,), device=x.device)
     assert flat.dtype == torch.int64 and flat.device == x.device and flat.tolist() == ids
 
 
@@ -189,7 +189,7 @@ def test_k_zero_is_the_formula_with_gradients(kind, lead):
     elif kind == "lora":
         a = torch.zeros(r, 0, dtype=F64)
         inputs = [x, w, b, a, bb]
-        fn = lambda x, w, b, a, bb: adaptkern.lora_linear(x, w, b, a, bb, scale=scale, dropout_p=0.3)  # noqa: E731
+        fn = lambda x, w, b, a, bb: adaptkern.lora_linear(x, w, b, a, bb, scale=scale, dropout=0.3)  # noqa: E731
         formula = lambda x, w, b, a, bb: b  # noqa: E731
     elif kind == "sequential":
         inputs = [x, w, b, d, ab, bb, c]
@@ -238,7 +238,7 @@ def test_k_zero_mixed_lora(m):
     assert torch.equal(y2, b.expand(m, 5))
 
 
-# --- item 14: scale, dropout_p, scales ----------------------------------------------------------
+# --- item 14: scale, dropout, scales ----------------------------------------------------------
 
 
 _K, _N, _R = 7, 5, 3
@@ -271,14 +271,14 @@ def test_bad_scale_raises_naming_scale(op, scale, exc, pattern):
 
 
 @pytest.mark.parametrize("p, exc, pattern", [
-    (None, TypeError, r"dropout_p must be a real number, got NoneType"),
-    ("0.1", TypeError, r"dropout_p must be a real number, got str"),
-    (False, TypeError, r"dropout_p must be a real number, got bool"),
-    (float("nan"), ValueError, r"dropout_p must be in \[0, 1\), got nan"),
+    (None, TypeError, r"dropout must be a real number, got NoneType"),
+    ("0.1", TypeError, r"dropout must be a real number, got str"),
+    (False, TypeError, r"dropout must be a real number, got bool"),
+    (float("nan"), ValueError, r"dropout must be finite in float32, got nan"),
 ])
-def test_bad_dropout_raises_naming_dropout_p(p, exc, pattern):
+def test_bad_dropout_raises_naming_dropout(p, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        _CALLS["lora_linear"](dropout_p=p)
+        _CALLS["lora_linear"](dropout=p)
 
 
 def test_finite_scale_rule_is_the_same_for_scalar_and_per_slot_scales():
@@ -319,13 +319,13 @@ def test_failures_change_nothing():
     pool.load_bottleneck(2, torch.randn(2, 5), None, torch.randn(5, 2), None, activation="relu",
                          placement="sequential", scale=1.0, base_weight=w)
     down = torch.randn(2, 5)
-    tensors = [x, w, b, a, bb, scales, down, pool.lora_a, pool.lora_b, pool.a_bias, pool.b_bias, pool.scales,
-               pool.ranks, pool.acts]
+    tensors = [x, w, b, a, bb, scales, down, pool.down_weight, pool.up_weight, pool.down_bias, pool.up_bias,
+               pool.scales, pool.ranks, pool.acts]
     before = [t.clone() for t in tensors], list(pool.kinds), torch.get_rng_state()
     failing = [
         (ValueError, r"^scale must be finite", lambda: adaptkern.lora_linear(
-            x, w, b, a[0], bb[0], scale=float("nan"), dropout_p=0.5)),
-        (TypeError, r"^dropout_p", lambda: adaptkern.lora_linear(x, w, b, a[0], bb[0], dropout_p=None)),
+            x, w, b, a[0], bb[0], scale=float("nan"), dropout=0.5)),
+        (TypeError, r"^dropout", lambda: adaptkern.lora_linear(x, w, b, a[0], bb[0], dropout=None)),
         (TypeError, r"^scale must be a real", lambda: adaptkern.bottleneck_linear(
             x, w, b, down, None, bb[0], None, scale="1")),
         (ValueError, r"^adapter_ids\[3\] = 9", lambda: adaptkern.mixed_lora_linear(

@@ -58,7 +58,7 @@ def _make(kind, in_f=37, out_f=29, device="cpu"):
         eager = EagerLora(base, ad)
     else:
         placement, act = kind.split("-")
-        ad = m.add_bottleneck("a", size=6, activation=act, placement=placement, scale=0.8)
+        ad = m.add_bottleneck("a", rank=6, activation=act, placement=placement, scale=0.8)
         nn.init.normal_(ad.up_weight, std=0.2)
         nn.init.normal_(ad.up_bias, std=0.2)
         eager = EagerBottleneck(base, ad)
@@ -105,7 +105,7 @@ def test_new_adapters_change_nothing_until_trained():
     m = adaptkern.AdapterLinear.from_linear(lin)
     x = torch.randn(5, 16)
     oracle = copy.deepcopy(lin).double()(x.double()).detach()
-    for add in (lambda: m.add_lora("l", 4), lambda: m.add_bottleneck("b", 3, "gelu")):
+    for add in (lambda: m.add_lora("l", 4), lambda: m.add_bottleneck("b", 3, activation="gelu")):
         add()
         assert_close_to_ref("y", m(x).detach(), oracle)
 
@@ -166,7 +166,7 @@ def test_merge_unmerge():
 
 def test_state_dict_round_trip():
     m, _ = _make("lora")
-    m.add_bottleneck("bn", 4, "gelu", "parallel")
+    m.add_bottleneck("bn", 4, activation="gelu", placement="parallel")
     nn.init.normal_(m.adapters["bn"].up_weight)
     sd = m.state_dict()
     assert set(sd) == {"weight", "bias", "adapters.a.lora_A", "adapters.a.lora_B", "adapters.bn.down_weight",
@@ -174,7 +174,7 @@ def test_state_dict_round_trip():
     assert sd["adapters.a.lora_A"].shape == (5, 37) and sd["adapters.a.lora_B"].shape == (29, 5)
     fresh = adaptkern.AdapterLinear(37, 29)
     fresh.add_lora("a", r=5, alpha=10)
-    fresh.add_bottleneck("bn", 4, "gelu", "parallel")
+    fresh.add_bottleneck("bn", 4, activation="gelu", placement="parallel")
     fresh.load_state_dict(sd)
     x = torch.randn(3, 37)
     for name in ("a", "bn"):

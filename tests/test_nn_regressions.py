@@ -39,7 +39,7 @@ def _assert_matches(what, m, x, name, y):
 def _layer(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     m = adaptkern.AdapterLinear(K, N, dtype=dtype)
-    seq = m.add_bottleneck("seq", R, "gelu", "sequential", scale=0.8)
+    seq = m.add_bottleneck("seq", R, activation="gelu", placement="sequential", scale=0.8)
     torch.nn.init.normal_(seq.up_weight, std=0.3)
     torch.nn.init.normal_(seq.up_bias, std=0.3)
     lora = m.add_lora("lora", r=3, alpha=6)
@@ -165,7 +165,7 @@ def test_merged_state_dict_round_trip():
     assert torch.equal(sd["weight"], unmerged.weight)  # exactly what unmerge() restores
 
     fresh = adaptkern.AdapterLinear(K, N)
-    fresh.add_bottleneck("seq", R, "gelu", "sequential", scale=0.8)
+    fresh.add_bottleneck("seq", R, activation="gelu", placement="sequential", scale=0.8)
     fresh.add_lora("lora", r=3, alpha=6)
     fresh.set_adapter("lora")
     fresh.load_state_dict(sd)
@@ -231,7 +231,7 @@ BAD_ARGS = [
     (lambda m: m.add_bottleneck("x", 3, scale=float("inf")), ValueError, "scale"),
     (lambda m: m.add_bottleneck("x", 3, scale=1e39), ValueError, "scale"),
     (lambda m: m.add_bottleneck("x", 3, scale="1"), TypeError, "scale"),
-    (lambda m: m.add_bottleneck("x", 2.5), TypeError, "size"),
+    (lambda m: m.add_bottleneck("x", 2.5), TypeError, "rank"),
 ]
 
 
@@ -287,7 +287,7 @@ def _peft_and_adaptkern():
     model.add_adapter("task_y", peft.LoraConfig(init_lora_weights=False, **specs["task_y"]))
     model.eval()
     for name, spec in specs.items():
-        adaptkern.add_lora(ours, name, spec["r"], spec["lora_alpha"], spec["target_modules"])
+        adaptkern.add_lora(ours, name, spec["r"], alpha=spec["lora_alpha"], target_modules=spec["target_modules"])
     for path, layer in model.base_model.model.named_modules():
         if hasattr(layer, "lora_A"):
             for name in layer.lora_A:

@@ -178,8 +178,8 @@ def test_add_adapter_errors_leave_model_unchanged():
                         (lambda: add_lora(model, "x", r=0), "r must be"),
                         (lambda: add_lora(model, "x.y", r=2), "adapter name"),
                         (lambda: add_lora(model, "x", r=2, dropout=1.0), "dropout"),
-                        (lambda: add_bottleneck(model, "x", 4, None, activation="tanhh"), "activation"),
-                        (lambda: add_bottleneck(model, "x", 4, None, placement="inside"), "placement")):
+                        (lambda: add_bottleneck(model, "x", 4, target_modules=None, activation="tanhh"), "activation"),
+                        (lambda: add_bottleneck(model, "x", 4, target_modules=None, placement="inside"), "placement")):
         with pytest.raises(ValueError, match=match):
             call()
         assert [type(m) for m in model.modules()] == types
@@ -190,7 +190,7 @@ def test_bottleneck_and_lora_switching():
     ids = make_inputs("llama")["input_ids"]
     with torch.no_grad():
         base = model(ids).logits
-    add_bottleneck(model, "bn", 8, ["down_proj"], activation="gelu", placement="parallel", scale=0.5)
+    add_bottleneck(model, "bn", 8, target_modules=["down_proj"], activation="gelu", placement="parallel", scale=0.5)
     add_lora(model, "lora", r=2, target_modules=["q_proj"])
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in adapter_parameters(model)}
     with torch.no_grad():

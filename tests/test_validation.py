@@ -13,7 +13,7 @@ K, N, R = 8, 6, 2
 def _lora(**over):
     args = dict(x=torch.randn(3, K), weight=torch.randn(N, K), bias=torch.randn(N), lora_a=torch.randn(R, K),
                 lora_b=torch.randn(N, R))
-    kw = {k: over.pop(k) for k in ("scale", "dropout_p") if k in over}
+    kw = {k: over.pop(k) for k in ("scale", "dropout") if k in over}
     args.update(over)
     return lambda: adaptkern.lora_linear(*args.values(), **kw)
 
@@ -36,8 +36,8 @@ def _bottleneck(placement="sequential", **over):
     (_lora(x=torch.randint(0, 3, (3, K))), TypeError, r"x must be a floating tensor.*int64"),
     (_lora(lora_a=torch.ones(R, K, dtype=torch.bool)), TypeError, r"lora_a must be a floating tensor.*bool"),
     (_lora(weight=torch.randn(N, K, device="meta")), ValueError, r"one device.*weight is on meta"),
-    (_lora(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
-    (_lora(dropout_p=-0.1), ValueError, r"dropout_p"),
+    (_lora(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    (_lora(dropout=-0.1), ValueError, r"dropout"),
     (_lora(scale="2"), TypeError, r"scale must be a real number"),
     (_lora(scale=float("nan")), ValueError, r"scale must be finite"),
     (_lora(weight=torch.randn(N * K)), ValueError, r"weight must be 2-D"),

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import validation as check
 from ..nn import AdapterLinear
 from .checkpoint_io import read_json_object, read_state_dict
 from .patching import freeze_base, patch, set_adapter
@@ -289,9 +290,8 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     if not isinstance(saved_name, str) or not saved_name:
         raise ValueError(f"adapter_config.json has no adapter 'name' (got {saved_name!r})")
     name = saved_name if adapter_name is None else adapter_name
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}"
-                         + ("; pass adapter_name=" if adapter_name is None else ""))
+    check.adapter_name(name, "adapter name" + (" (from adapter_config.json; pass adapter_name=)"
+                                               if adapter_name is None else ""))
 
     family = _model_family(model, saved.get("model_type"))
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -366,7 +366,8 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     # Everything checked: now change the model.
     patch(model, "|".join(re.escape(t) for t in targets))
     for target, size in targets.items():
-        model.get_submodule(target).add_bottleneck(name, size, spec["activation"], "sequential", spec["scaling"])
+        model.get_submodule(target).add_bottleneck(name, size, activation=spec["activation"], placement="sequential",
+                                                   scale=spec["scaling"])
     with torch.no_grad():
         for key, (target, attr, _) in expected.items():
             param = getattr(model.get_submodule(target).adapters[name], attr)

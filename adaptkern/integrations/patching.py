@@ -18,7 +18,8 @@ from typing import Iterable, Optional, Union
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..nn import AdapterLinear, BottleneckAdapter, LoraAdapter
+from .. import validation as check
+from ..nn import AdapterLinear, bottleneck_arguments, lora_arguments
 
 TargetModules = Union[None, str, Iterable[str]]
 
@@ -152,41 +153,43 @@ def freeze_base(model: nn.Module) -> None:
         p.requires_grad_(id(p) in adapter_ids)
 
 
-def add_lora(model: nn.Module, name: str, r: int, alpha: Optional[float] = None,
-             target_modules: TargetModules = None, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+def add_lora(model: nn.Module, name: str, r: int, *, target_modules: TargetModules = None,
+             alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False,
+             lora_alpha: Optional[float] = None, lora_dropout: Optional[float] = None) -> nn.Module:
     """Patch the selected linear layers as needed and add LoRA adapter ``name`` to each.
 
     Semantics: each selected layer computes y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ with
     A [r, in] Kaiming-uniform, B [out, r] zeros, scale = alpha/r (alpha/√r with rsLoRA;
-    alpha None: alpha = r). As in PEFT, the first adapter of a model becomes active (see
-    :func:`set_adapter`); adding another keeps the active one. Only adapter parameters require grad (the whole base model is
-    frozen, as PEFT does). Returns ``model``; raises before changing anything if
-    ``name`` is taken on a selected layer or the arguments are invalid.
+    alpha None: alpha = r; ``lora_alpha``/``lora_dropout``: PEFT's spellings). As in PEFT, the
+    first adapter of a model becomes active (see :func:`set_adapter`); adding another keeps the
+    active one. Only adapter parameters require grad (the whole base model is frozen, as PEFT
+    does). Returns ``model``; raises before changing anything if ``name`` is taken on a
+    selected layer or the arguments are invalid.
     """
-    return _add_adapter(model, name, target_modules, lambda: LoraAdapter(1, 1, r, alpha, dropout, use_rslora),
-                        lambda layer: layer.add_lora(name, r, alpha, dropout, use_rslora))
+    args = lora_arguments(r, alpha, dropout, use_rslora, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return _add_adapter(model, name, target_modules, lambda layer: layer.add_lora(name, **args))
 
 
-def add_bottleneck(model: nn.Module, name: str, size: int, target_modules: TargetModules,
+def add_bottleneck(model: nn.Module, name: str, rank: int, *, target_modules: TargetModules,
                    activation: str = "relu", placement: str = "sequential", scale: float = 1.0) -> nn.Module:
     """Patch the selected linear layers as needed and add bottleneck adapter ``name`` to each.
 
     Semantics: sequential: y = h + scale·(f(h·Dᵀ + d)·Uᵀ + u) with h = x·Wᵀ + b; parallel:
-    y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u). Shapes per layer: D [size, out] (sequential)
-    or [size, in] (parallel), d [size], U [out, size], u [out] (U, u zeros). The first adapter
-    of a model becomes active; adding another keeps the active one. Only adapter parameters require grad. Returns ``model``.
+    y = x·Wᵀ + b + scale·(f(x·Dᵀ + d)·Uᵀ + u). Shapes per layer: D [rank, out] (sequential)
+    or [rank, in] (parallel), d [rank], U [out, rank], u [out] (U, u zeros). The first adapter
+    of a model becomes active; adding another keeps the active one. Only adapter parameters
+    require grad. Returns ``model``.
     """
-    return _add_adapter(model, name, target_modules,
-                        lambda: BottleneckAdapter(1, 1, size, activation, placement, scale),
-                        lambda layer: layer.add_bottleneck(name, size, activation, placement, scale))
+    args = bottleneck_arguments(rank, activation, placement, scale)
+    rank = args.pop("rank")
+    return _add_adapter(model, name, target_modules, lambda layer: layer.add_bottleneck(name, rank, **args))
 
 
-def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, validate, add) -> nn.Module:
-    """Check everything first (targets, a free name, the arguments via ``validate()``), then
-    patch the targets, ``add(layer)`` on each, activate ``name`` and freeze the base."""
+def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, add) -> nn.Module:
+    """Check the targets and a free name (arguments are checked by the caller), then patch the
+    targets, ``add(layer)`` on each, keep or set the active adapter, and freeze the base."""
     names = target_module_names(model, target_modules)
     _check_new_adapter(model, names, name)
-    validate()  # builds a 1×1 adapter: raises on bad arguments before anything changes
     before = {n: m.active_adapter for n, m in adapter_modules(model).items()}
     patch(model, names)
     for n in names:
@@ -202,8 +205,7 @@ def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, val
 
 
 def _check_new_adapter(model: nn.Module, names: list[str], name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    check.adapter_name(name)
     for n in names:
         module = model.get_submodule(n)
         if isinstance(module, AdapterLinear) and name in module.adapters:

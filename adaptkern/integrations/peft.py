@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import validation as check
 from ..nn import AdapterLinear
 from .checkpoint_io import read_json_object, read_state_dict
 from .patching import (Conv1DAdapter, adapter_modules, freeze_base, name_matches, patch, set_adapter,
@@ -229,7 +230,7 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
     patch(model, names)
     for n, (r, alpha) in plan.items():
         module = model.get_submodule(n)
-        adapter = module.add_lora(adapter_name, r, alpha, cfg["dropout"], cfg["rslora"])
+        adapter = module.add_lora(adapter_name, r, alpha=alpha, dropout=cfg["dropout"], use_rslora=cfg["rslora"])
         device = module.weight.device
         adapter.lora_A = nn.Parameter(weights[f"{PREFIX}{n}.lora_A.weight"].to(device))
         adapter.lora_B = nn.Parameter(weights[f"{PREFIX}{n}.lora_B.weight"].to(device))
@@ -239,8 +240,7 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
 
 
 def _check_free_name(model: nn.Module, adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check.adapter_name(adapter_name, "adapter_name")
     if adapter_modules(model, adapter_name):
         raise ValueError(f"adapter_name {adapter_name!r} is already used in the model; pick another name")
 
@@ -368,8 +368,8 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         new.train(m.training)
         for a in m.lora_A:
             dropout = m.lora_dropout[a]
-            adapter = new.add_lora(a, m.r[a], m.lora_alpha[a], dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                                   m.use_rslora[a])
+            adapter = new.add_lora(a, m.r[a], alpha=m.lora_alpha[a], use_rslora=m.use_rslora[a],
+                                   dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
             adapter.lora_A = m.lora_A[a].weight
             adapter.lora_B = m.lora_B[a].weight
         new.set_adapter(active)
