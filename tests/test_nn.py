@@ -253,3 +253,27 @@ def test_torch_compile_inductor_fullgraph():
     g_ref = torch.autograd.grad(fn(x), [x, *_params(m).values()])
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_adapter_ids_are_stable_slots():
+    """An adapter keeps its slot when another is deleted; a new adapter takes the lowest free slot;
+    a free slot in adapter_ids runs the base."""
+    torch.manual_seed(0)
+    m = adaptkern.AdapterLinear(13, 11)
+    for name in ("a", "b", "c"):
+        nn.init.normal_(m.add_lora(name, r=2, alpha=2).lora_B)
+    assert m.adapter_slots == {"a": 0, "b": 1, "c": 2}
+    x = torch.randn(3, 13)
+    with torch.no_grad():
+        before = m(x, torch.tensor([0, 1, 2]))
+        m.delete_adapter("b")
+        assert m.adapter_slots == {"a": 0, "c": 2}
+        after = m(x, torch.tensor([0, 1, 2]))
+        assert torch.equal(after[[0, 2]], before[[0, 2]])  # "c" is still id 2
+        base64 = nn.functional.linear(x.double(), m.weight.double(), m.bias.double())
+        assert_close_to_ref("free slot runs the base", after[1], base64[1], nn.functional.linear(x, m.weight, m.bias)[1])
+        m.add_lora("d", r=3)
+        assert m.adapter_slots == {"a": 0, "c": 2, "d": 1}
+        with adaptkern.adapter_batch(m, ["c", None, "a"]):
+            by_name = m(x)
+        assert torch.equal(by_name, m(x, [2, -1, 0]))
