@@ -3,11 +3,13 @@
 These defaults are reasoned, not yet measured (no GPU was at hand when they were set; the
 tuning issue replaces them with per-GPU tables):
 
-* one-pass recomputes ``x·Aᵀ`` for every N tile: ``R_pad/BLOCK_N`` extra flops over the
-  base GEMM (12.5 % at r=16, BLOCK_N=128). At small M the layer is bound by reading W,
-  so those flops are free and one launch beats two. At M=8192, K=N=4096 the split route
-  pays one more launch and one more read of x (64 MB, ~25 µs at 3 TB/s) against a
-  ~390 µs GEMM, less than the one-pass route's 12.5 % (~50 µs): split wins at large M.
+* route, from a byte/flop model (docs/compiled-code.md): one-pass recomputes ``x·Aᵀ`` for
+  every N tile, ``2·M·K·R_pad·N/BLOCK_N`` extra flops (+12.5 % at R_pad=16, BLOCK_N=128:
+  310 against split's 277 GFLOP at M=8192, K=N=4096); split pays one more launch and one
+  more read of x (2·M·K bytes: 64 MiB, ~20 µs at 3.35 TB/s). Both routes reach the same
+  2 CTAs/SM (kernel_report.py), so at ~650 TFLOP/s the extra flops cost
+  M·R_pad·0.40 ns and the split M·2.45 ns + ~5 µs: equal at M ≈ 1250 for R_pad=16, 480 for
+  32, 210 for 64. The heuristic takes one-pass while M·R_pad <= 16·ONEPASS_MAX_M.
 * the one-pass epilogue holds a ``BLOCK_M×BLOCK_R`` accumulator next to the output tile,
   so ranks above 64 always take the split route.
 
@@ -41,7 +43,7 @@ import torch
 import triton
 
 ONEPASS_MAX_RANK = 64
-ONEPASS_MAX_M = 1024
+ONEPASS_MAX_M = 1024  # at ranks <= 16; M·block_r(rank) <= 16·ONEPASS_MAX_M in general
 
 
 def interpreting() -> bool:
@@ -329,9 +331,12 @@ def _gemm_config(m_bucket: int, n: int, elem: int, interpret: bool) -> GemmConfi
     if m_bucket <= 16:  # decode: BLOCK_N 64 gives N/64 programs to stream W
         cfg = GemmConfig(16, 64, 128, 1, 4, 4)
     elif m_bucket <= 64:
-        cfg = GemmConfig(64, 128, 64, 4, 4, 4)
+        cfg = GemmConfig(64, min(128, max(16, n)), 64, 4, 4, 4)
     elif n <= 64:
-        cfg = GemmConfig(128, 64, 64, 8, 4, 4)
+        # Thin, memory-bound outputs (x·Aᵀ, dY·B, dYᵀ·S): tiles no wider than the output
+        # (a 16-wide output in 64-wide tiles is 4× padded MMA and shared memory) and 32-row
+        # tiles, so that M=8192 gives 256 programs (≥ 2× the 132 SMs of an H100) to stream x.
+        cfg = GemmConfig(32, max(16, n), 128, 8, 4, 4)
     else:
         cfg = GemmConfig(128, 128, 64, 8, 8, 3)
     return _fit(cfg, elem)
@@ -363,6 +368,12 @@ def _onepass_cached(m: int, n_bucket: int, br: int, elem: int, interpret: bool, 
     entry = _entry(gpu, "onepass", f"N={n_bucket},R={br}", m, elem)
     if entry is not None:
         return _from_entry(entry, elem, extra_cols=br)
+    if _bucket(m) <= 16 and elem == 2:
+        # Decode. A 16-row tile with chained dots gets warpsPerCTA=[4,1]: every warp computes
+        # the whole tile (80 mma.sync per K step where a plain matmul issues 16). 64 rows on
+        # one warpgroup run wgmma without the redundancy (16 per K step); BLOCK_N 32 gives
+        # N/32 programs to stream W (128 at N=4096).
+        return _fit(GemmConfig(64, 32, 128, 1, 4, 4), elem, extra_cols=br)
     return _fit(_gemm_cached(m, n_bucket, elem, False, None), elem, extra_cols=br)
 
 
@@ -391,12 +402,33 @@ def choose_route(m: int, rank: int, dropout: bool = False, *, n: Optional[int] =
         route = _route_cached(max(m, 1), _bucket(n), block_r(rank), _gpu(device))
         if route is not None:
             return route
-    return "onepass" if m <= ONEPASS_MAX_M else "split"
+    return "onepass" if m * block_r(rank) <= 16 * ONEPASS_MAX_M else "split"
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_assumed_sms: Optional[int] = None
+
+
+@contextlib.contextmanager
+def assume_sms(count: int) -> Iterator[None]:
+    """Plan non-CUDA launches as for a GPU with ``count`` SMs (the compiled-code report,
+    ``benchmarks/kernel_report.py``, captures the launches of an H100 on CPU tensors)."""
+    global _assumed_sms
+    previous, _assumed_sms = _assumed_sms, count
+    try:
+        yield
+    finally:
+        _assumed_sms = previous
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index or 0)
+    return _assumed_sms if _assumed_sms is not None else 8
 
 
 def split_k(tiles: int, k: int, block_k: int, device) -> int:
@@ -408,7 +440,7 @@ def split_k(tiles: int, k: int, block_k: int, device) -> int:
     """
     if torch.are_deterministic_algorithms_enabled():
         return 1
-    sms = 8 if device.type != "cuda" else _num_sms(device.index or 0)
+    sms = _sm_count(device)
     return max(1, min(16, sms // max(tiles, 1), k // (2 * block_k)))
 
 
@@ -421,6 +453,12 @@ class MixedPlan(NamedTuple):
     block_r: int
     num_warps: int
     num_stages: int
+    # The shrink's own tiles (0: the linear kernel's). Thin and memory-bound: 32-row tiles
+    # give M/32 programs (256 at M=8192, where 128-row tiles gave 64 on 132 SMs).
+    shrink_block_m: int = 0
+    shrink_block_k: int = 0
+    shrink_warps: int = 0
+    shrink_stages: int = 0
 
 
 MIXED_SORT_MIN_M = 64
@@ -440,7 +478,11 @@ def _mixed_cached(m: int, k: int, br: int, elem: int, interpret: bool, gpu: Opti
     else:
         bm = 16 if m <= 16 else (64 if m <= 256 else 128)
         cfg = _fit(GemmConfig(bm, 64 if m <= 16 else 128, 64, 8, 4 if bm <= 64 else 8, 3), elem)
-    return MixedPlan(sort_rows, split, cfg.block_m, cfg.block_n, cfg.block_k, tile_r, cfg.num_warps, cfg.num_stages)
+    shrink = cfg
+    if sort_rows:
+        shrink = _fit(GemmConfig(32, tile_r, 128, 1, 4, 4), elem)
+    return MixedPlan(sort_rows, split, cfg.block_m, cfg.block_n, cfg.block_k, tile_r, cfg.num_warps, cfg.num_stages,
+                     shrink.block_m, shrink.block_k, shrink.num_warps, shrink.num_stages)
 
 
 def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> MixedPlan:
@@ -455,5 +497,6 @@ def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> 
       fixed order by the consumer: deterministic, batch invariant), for parallelism.
     * A table entry (keyed by the K bucket and block_r(max_rank)) sets the tiles, warps,
       stages and optionally the split; the row sort and the rank tile stay as above.
+    * With sorted rows the shrink has tiles of its own (``shrink_*``): 32 rows, BLOCK_K 128.
     """
     return _mixed_cached(max(m, 1), k, block_r(max_rank), elem, interpreting(), _gpu(device))

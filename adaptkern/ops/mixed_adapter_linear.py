@@ -56,14 +56,16 @@ def _shrink(x, a_view, ids, ranks, perm, plan, r):
     s_count = a_view.shape[0]
     split = plan.split
     parts = torch.empty((split, m, r), dtype=acc_dtype(x.dtype), device=x.device)
-    grid = (triton.cdiv(m, plan.block_m), split, triton.cdiv(r, plan.block_r))
+    bm = plan.shrink_block_m or plan.block_m  # thin output: its own tiles (docs/compiled-code.md)
+    bk = plan.shrink_block_k or plan.block_k
+    grid = (triton.cdiv(m, bm), split, triton.cdiv(r, plan.block_r))
     _mixed_shrink_kernel[grid](
         parts, x, a_view, ids, perm if perm is not None else ids, ranks if ranks is not None else ids,
-        m, k, r, s_count, triton.cdiv(triton.cdiv(k, split), plan.block_k) * plan.block_k,
+        m, k, r, s_count, triton.cdiv(triton.cdiv(k, split), bk) * bk,
         *x.stride(), *a_view.stride(),
         SORTED=perm is not None, HAS_RANKS=ranks is not None, **_dot_dtype(x.dtype),
-        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=plan.block_r,
+        num_warps=plan.shrink_warps or plan.num_warps, num_stages=plan.shrink_stages or plan.num_stages,
     )
     return parts
 

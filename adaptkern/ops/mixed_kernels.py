@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act, _tile_ids
+from .triton_kernels import _act, _load_rows, _tile_ids, _unit
 
 NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)  # "no further slot" sentinel of _next_slot
 
@@ -52,12 +52,14 @@ def _act_by_code(z, code):
 def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
     """Rows of block ``pid_m`` (through the permutation when SORTED) and their slots.
 
+    Positions past M give row 0 (a valid row: loads need no row mask) with ``ok`` False.
+
     Ids outside [0, S) count as -1 (base only): the host validates ids in eager mode, and
     under torch.compile or graph capture, where it cannot, nothing is read out of bounds.
     """
     j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = j < M
-    rows = j
+    rows = tl.where(ok, j, 0)  # positions past M stand for row 0: always a valid row to read
     if SORTED:
         rows = tl.load(perm_ptr + j, mask=ok, other=0)
     slots = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
@@ -140,14 +142,19 @@ def _mixed_linear_kernel(
     n_ok = rn < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # Rows past M read row 0 (_block_rows) and, for a row-major W, columns past N column
+    # N-1, dropped at the store: the K loop masks K only, and its pointers advance by
+    # BLOCK_K (200 → 126 registers with the epilogue below, benchmarks/kernel_report.py).
+    rn_ld, wn_ok = _load_rows(rn, N, _unit(stride_wk))
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        k_ok = rk < K - k0
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=wn_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
 
@@ -161,12 +168,13 @@ def _mixed_linear_kernel(
         scale = 1.0
         if HAS_SCALES:
             scale = tl.load(scales_ptr + s)
-        for r0 in range(0, rank, BLOCK_R):  # a slot's real rank bounds its rank loop
+        # a slot's real rank bounds its rank loop; one or two iterations: not pipelined
+        for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < rank
             zmask = sel[:, None] & r_ok[None, :]
             z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-            for sp in range(0, SPLIT):
+            for sp in tl.range(0, SPLIT, num_stages=1):
                 z += tl.load(p_ptr + sp * M * R + rows[:, None] * R + rr[None, :], mask=zmask, other=0.0)
             if HAS_AB:
                 ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
@@ -178,10 +186,16 @@ def _mixed_linear_kernel(
                 z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
             bt = tl.load(b_ptr + s64 * stride_bs + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                          mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-            # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
-            # scale must not reach rows of other slots through 0·inf.
-            acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
-                                                         input_precision=PRECISION, out_dtype=ACC), 0.0)
+            if DOT_DTYPE == tl.float16:
+                # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
+                # scale must not reach rows of other slots through 0·inf.
+                acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
+                                                             input_precision=PRECISION, out_dtype=ACC), 0.0)
+            else:
+                # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
+                # slots get exact zeros, so a non-finite scale stays in its own rows.
+                zs = tl.where(sel[:, None], scale * z, 0.0)
+                acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_BB:
             bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
             acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)
