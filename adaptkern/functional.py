@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from . import validation as check
-from .ops import reference
-from .ops.adapter_linear import ROUTES, acc_dtype, adapter_linear_op
+from .ops import common
+from .ops.adapter_linear import reference
+from .ops.adapter_linear import ROUTES, adapter_linear_op
+from .ops.common import acc_dtype
 from .ops.config import ONEPASS_MAX_RANK
 
 
@@ -154,6 +156,6 @@ def bottleneck_linear(x, weight, bias, down_weight, down_bias, up_weight, up_bia
         check.shape("bias", bias, (n,), "N of weight")
         check.shape("down_bias", down_bias, (down_weight.shape[0],), "R of down_weight")
         check.same_device(dict(weight=weight, bias=bias, down_weight=down_weight, down_bias=down_bias))
-        a_w, a_b = reference.fold_sequential(weight, bias, down_weight, down_bias)
+        a_w, a_b = common.fold_sequential(weight, bias, down_weight, down_bias)
     return adapter_linear(x, weight, bias, a_w, a_b, up_weight, up_bias, scale=scale, activation=activation,
                           route=route)

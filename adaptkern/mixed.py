@@ -15,10 +15,11 @@ from torch import Tensor
 
 from . import validation as check
 from .functional import any_requires_grad, autocast_input, flatten_rows
-from .ops import reference
-from .ops.adapter_linear import acc_dtype
+from .ops.mixed_adapter_linear import reference as mixed_reference
+from .ops.common import acc_dtype
 from .ops.mixed_adapter_linear import mixed_adapter_linear_op
-from .pool import AdapterPool, SlotStack
+from .ops.mixed_adapter_linear import SlotStack
+from .pool import AdapterPool
 
 
 def run_mixed(x2: Tensor, weight: Tensor, bias: Optional[Tensor], stack: SlotStack, ids: Tensor) -> Tensor:
@@ -31,7 +32,7 @@ def run_mixed(x2: Tensor, weight: Tensor, bias: Optional[Tensor], stack: SlotSta
     ids = torch.where((ids >= 0) & (ids < stack.down_weight.shape[0]), ids, -1)
     acc = acc_dtype(x2.dtype)
     cast = [None if t is None else t.to(acc) for t in (x2, weight, bias, *stack[:4])]
-    return reference.mixed_adapter_linear_ref(*cast, *stack[4:], ids).to(x2.dtype)
+    return mixed_reference.mixed_adapter_linear_ref(*cast, *stack[4:], ids).to(x2.dtype)
 
 
 def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, validate_ids=True):

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from . import validation as check
 from .functional import any_requires_grad, autocast_input, bottleneck_linear, lora_linear
 from .mixed import run_mixed
-from .ops import reference
-from .ops.triton_kernels import ACT_CODES
-from .pool import SlotStack
+from .ops import common
+from .ops.common import ACT_CODES
+from .ops.mixed_adapter_linear import SlotStack
 
 
 def lora_arguments(r, alpha=None, dropout=0.0, use_rslora=False, *, lora_alpha=None, lora_dropout=None) -> dict:
@@ -352,7 +352,7 @@ class AdapterLinear(nn.Linear):
         x = autocast_input(x)
         w, b, d_w, d_b, u_w, u_b = (None if t is None else t.to(x.dtype) for t in params)
         h = F.linear(x, w, b)
-        return h + adapter.scale * F.linear(reference.activation(F.linear(h, d_w, d_b), adapter.activation), u_w, u_b)
+        return h + adapter.scale * F.linear(common.activation(F.linear(h, d_w, d_b), adapter.activation), u_w, u_b)
 
     def _slot_tensors(self, adapter, r_max: int):
         """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one slot, padded
@@ -364,7 +364,7 @@ class AdapterLinear(nn.Linear):
             if adapter.placement == "parallel":
                 a_w, a_b = adapter.down_weight, adapter.down_bias
             else:
-                a_w, a_b = reference.fold_sequential(self.weight, self.bias, adapter.down_weight, adapter.down_bias)
+                a_w, a_b = common.fold_sequential(self.weight, self.bias, adapter.down_weight, adapter.down_bias)
         pad = r_max - adapter.rank
         a_b = a_w.new_zeros(adapter.rank) if a_b is None else a_b
         b_b = a_w.new_zeros(self.out_features) if b_b is None else b_b

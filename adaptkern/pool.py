@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import torch
 from torch import Tensor
 
 from . import validation as check
-from .ops import reference
-from .ops.triton_kernels import ACT_CODES
-
-
-class SlotStack(NamedTuple):
-    """Stacked adapter slots as the mixed op reads them (one slot per adapter id).
-
-    Shapes: down_weight [S, R_max, K], down_bias [S, R_max] | None, up_weight [S, N, R_max],
-    up_bias [S, N] | None, scales [S] float32 (float64 for float64 x), ranks [S] int32 (slot
-    s uses columns [0, ranks[s]); 0: base only), acts [S] int32 activation codes | None (all
-    identity).
-    """
-
-    down_weight: Tensor
-    down_bias: Optional[Tensor]
-    up_weight: Tensor
-    up_bias: Optional[Tensor]
-    scales: Tensor
-    ranks: Tensor
-    acts: Optional[Tensor]
+from .ops import common
+from .ops.common import ACT_CODES
+from .ops.mixed_adapter_linear import SlotStack
 
 
 class AdapterPool:
@@ -166,7 +147,7 @@ class AdapterPool:
                 raise ValueError("a sequential bottleneck needs base_weight (the layer's [N, K] weight) to fold D·W")
             w = self._check("base_weight", base_weight, (self.out_features, self.in_features))
             b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,))
-            d, db = reference.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
+            d, db = common.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
             names = ("the folded down_weight·base_weight", "the folded down_weight·base_bias + down_bias")
         d, db = self._cast(names[0], d), self._cast(names[1], db)
         u, ub = self._cast("up_weight", u), self._cast("up_bias", ub)

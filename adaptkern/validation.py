@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import reference
+from .ops import common
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -94,14 +94,14 @@ def dropout(name: str, value) -> float:
 
 
 def placement(value) -> str:
-    if value not in reference.PLACEMENTS:
-        raise ValueError(f"placement must be one of {reference.PLACEMENTS}, got {value!r}")
+    if value not in common.PLACEMENTS:
+        raise ValueError(f"placement must be one of {common.PLACEMENTS}, got {value!r}")
     return value
 
 
 def activation(value) -> str:
     """An activation name or alias -> its canonical name."""
-    return reference.canonical_activation(value)
+    return common.canonical_activation(value)
 
 
 def adapter_name(name, what: str = "adapter name") -> str:

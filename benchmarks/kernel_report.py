@@ -61,9 +61,9 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from adaptkern import functional as F  # noqa: E402
 from adaptkern import mixed as MX  # noqa: E402
-from adaptkern.ops import adapter_linear as AL  # noqa: E402
 from adaptkern.ops import config  # noqa: E402
-from adaptkern.ops import mixed_adapter_linear as MAL  # noqa: E402
+from adaptkern.ops.adapter_linear import op as AL  # noqa: E402
+from adaptkern.ops.mixed_adapter_linear import op as MAL  # noqa: E402
 
 ARCH = 90
 SMS = 132  # H100 SXM / H200
@@ -127,24 +127,25 @@ def _names(tensors: dict) -> dict:
 
 # (kernel, first operand, second operand) → role
 _ROLES = {
-    ("_gemm_kernel", "x", "A"): "split shrink x·Aᵀ",
-    ("_gemm_kernel", "x", "W"): "split main x·Wᵀ+S·Bᵀ",
-    ("_gemm_kernel", "dY", "B"): "bwd dZ=dY·B",
-    ("_gemm_kernel", "dY", "W"): "bwd dX=dY·W+dZ·A",
-    ("_gemm_kernel", "dY", "x"): "bwd dW=dYᵀ·x",
-    ("_gemm_kernel", "?", "x"): "bwd dA=dZᵀ·x",
-    ("_gemm_kernel", "dY", "?"): "bwd dB=dYᵀ·S",
-    ("_onepass_fwd_kernel", "x", "W"): "one-pass",
-    ("_mixed_shrink_kernel", "x", "A"): "mixed shrink x·A_sᵀ",
-    ("_mixed_shrink_kernel", "dY", "B"): "mixed bwd dY·B_s",
-    ("_mixed_linear_kernel", "x", "W"): "mixed linear",
-    ("_mixed_linear_kernel", "dY", "W"): "mixed bwd dX",
-    ("_segment_gemm_kernel", "?", "x"): "mixed bwd dA_s",
-    ("_segment_gemm_kernel", "dY", "?"): "mixed bwd dB_s",
+    ("_dual_gemm_kernel", "x", "A"): "split shrink x·Aᵀ",
+    ("_dual_gemm_kernel", "x", "W"): "split main x·Wᵀ+S·Bᵀ",
+    ("_dual_gemm_kernel", "dY", "B"): "bwd dZ=dY·B",
+    ("_dual_gemm_kernel", "dY", "W"): "bwd dX=dY·W+dZ·A",
+    ("_dual_gemm_kernel", "dY", "x"): "bwd dW=dYᵀ·x",
+    ("_dual_gemm_kernel", "?", "x"): "bwd dA=dZᵀ·x",
+    ("_dual_gemm_kernel", "dY", "?"): "bwd dB=dYᵀ·S",
+    ("_adapter_linear_onepass_kernel", "x", "W"): "one-pass",
+    ("_mixed_adapter_linear_shrink_kernel", "x", "A"): "mixed shrink x·A_sᵀ",
+    ("_mixed_adapter_linear_shrink_kernel", "dY", "B"): "mixed bwd dY·B_s",
+    ("_mixed_adapter_linear_kernel", "x", "W"): "mixed linear",
+    ("_mixed_adapter_linear_kernel", "dY", "W"): "mixed bwd dX",
+    ("_mixed_adapter_linear_segment_kernel", "?", "x"): "mixed bwd dA_s",
+    ("_mixed_adapter_linear_segment_kernel", "dY", "?"): "mixed bwd dB_s",
 }
 _OPERANDS = {  # the two input operands of each kernel (positional indices)
-    "_gemm_kernel": (1, 2), "_onepass_fwd_kernel": (2, 3), "_mixed_shrink_kernel": (1, 2),
-    "_mixed_linear_kernel": (2, 3), "_segment_gemm_kernel": (1, 2),
+    "_dual_gemm_kernel": (1, 2), "_adapter_linear_onepass_kernel": (2, 3),
+    "_mixed_adapter_linear_shrink_kernel": (1, 2),
+    "_mixed_adapter_linear_kernel": (2, 3), "_mixed_adapter_linear_segment_kernel": (1, 2),
 }
 
 

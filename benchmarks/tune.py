@@ -56,13 +56,13 @@ import adaptkern  # noqa: E402
 import tune_table  # noqa: E402
 from adaptkern.bench import env, timing  # noqa: E402
 from adaptkern.bench.cases import uniform_adapter_ids  # noqa: E402
-from adaptkern.ops import adapter_linear, config, reference  # noqa: E402
+from adaptkern.ops import config  # noqa: E402
+from adaptkern.ops.common import dot_flags  # noqa: E402
+from adaptkern.ops.gemm import gemm  # noqa: E402
+from adaptkern.ops.adapter_linear import reference  # noqa: E402
+from adaptkern.ops.mixed_adapter_linear import reference as mixed_reference  # noqa: E402
 from adaptkern.testing import compare  # noqa: E402
 
-# Library internals the tuner needs that are not public yet: ops/config.py's shared-memory fit
-# and the kernels' dot-dtype flags. Read under their future public names when they exist.
-fit = getattr(config, "fit", None) or config._fit
-dot_dtype = getattr(adapter_linear, "dot_dtype", None) or adapter_linear._dot_dtype
 
 KERNELS = tune_table.KERNELS
 M_FULL = (1, 16, 64, 256, 1024, 2048, 4096, 8192)
@@ -133,7 +133,7 @@ def fits(p: Point, entry: dict) -> bool:
     would run a smaller config: a duplicate)."""
     cfg = config.GemmConfig(entry["block_m"], entry["block_n"], entry["block_k"], entry.get("group_m", 8),
                             entry["num_warps"], entry["num_stages"])
-    return fit(cfg, ELEM, config.block_r(p.r) if p.kernel == "onepass" else 0) == cfg
+    return config.fit(cfg, ELEM, config.block_r(p.r) if p.kernel == "onepass" else 0) == cfg
 
 
 def heuristic_entry(p: Point) -> dict:
@@ -222,8 +222,8 @@ def problem(p: Point, device) -> Problem:
         y = torch.empty((m, n), dtype=DTYPE, device=device)
         ref = x.float() @ w.float().t() + SCALE * (s @ b_w.float().t())
         eager = F.linear(x, w) + F.linear(s.to(DTYPE), b_w) * SCALE
-        dd = dot_dtype(DTYPE)
-        return Problem(lambda: adapter_linear.gemm(y, x, w.t(), p2=s, q2=b_w.t(), alpha2=SCALE, dot_dtype=dd),
+        dd = dot_flags(DTYPE)
+        return Problem(lambda: gemm(y, x, w.t(), p2=s, q2=b_w.t(), alpha2=SCALE, dot_dtype=dd),
                        ref, eager)
     if p.kernel in ("onepass", "route"):
         a_w, b_w = _randn((r, K), K**-0.5, device, gen), _randn((n, r), r**-0.5, device, gen)
@@ -238,9 +238,9 @@ def problem(p: Point, device) -> Problem:
     lora_b = _randn((MIXED_ADAPTERS, n, r), r**-0.5, device, gen)
     scales = torch.linspace(0.5, 2.0, MIXED_ADAPTERS, dtype=torch.float32, device=device)
     ids = uniform_adapter_ids(m, MIXED_ADAPTERS, seed=m).to(device)
-    ref = reference.mixed_adapter_linear_ref(x.float(), w.float(), None, lora_a.float(), None, lora_b.float(), None,
-                                             scales, None, None, ids)
-    eager = reference.mixed_adapter_linear_ref(x, w, None, lora_a, None, lora_b, None, scales, None, None, ids)
+    ref = mixed_reference.mixed_adapter_linear_ref(x.float(), w.float(), None, lora_a.float(), None, lora_b.float(),
+                                                   None, scales, None, None, ids)
+    eager = mixed_reference.mixed_adapter_linear_ref(x, w, None, lora_a, None, lora_b, None, scales, None, None, ids)
     return Problem(lambda: adaptkern.mixed_lora_linear(x, w, None, lora_a, lora_b, ids, scales=scales,
                                                        validate_ids=False), ref, eager)
 
@@ -398,7 +398,7 @@ def run_tune(kernels: Sequence[str], *, out: str, quick: bool = False, log: Call
     start = time.perf_counter()
     previous = _previous(path, name, log)
     table = {k: previous[k] for k in KERNELS if k in previous and k not in kernels}
-    run_env = dict(env.environment(device), slug=env.gpu_slug(name), dtype="bfloat16", K=K, quick=quick,
+    run_env = dict(env.environment(device), slug=config.gpu_slug(name), dtype="bfloat16", K=K, quick=quick,
                    kernels=list(kernels), mixed_adapters=MIXED_ADAPTERS)
     tuner, summary = Tuner(device, quick, log), []
     for kernel in kernels:
@@ -429,7 +429,7 @@ def run_tune(kernels: Sequence[str], *, out: str, quick: bool = False, log: Call
         log(line)
     log(f"{tuner.rejected} candidate(s) dropped (failed or wrong). elapsed {elapsed / 60:.1f} min "
         f"(estimate was ~{est['seconds'] / 60:.1f} min). wrote {path}; the library reads "
-        f"adaptkern/ops/configs/{env.gpu_slug(name)}.json")
+        f"adaptkern/ops/configs/{config.gpu_slug(name)}.json")
     return 0
 
 

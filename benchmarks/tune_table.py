@@ -159,3 +159,11 @@ def read(path: Path) -> dict:
         raise ValueError(f"config table {path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
     validate(data, str(path))
     return data
+
+
+if __name__ == "__main__":  # python benchmarks/tune_table.py FILE...: check edited tables
+    import sys
+
+    for arg in sys.argv[1:]:
+        validate(read(Path(arg)), arg)
+        print(f"{arg}: valid")

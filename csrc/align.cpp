@@ -1,6 +1,6 @@
 // Row alignment for mixed-adapter batches: schema + C++ CPU implementation.
 //
-// Semantics (DESIGN §3; the Python reference adaptkern/ops/alignment.py is the spec):
+// Semantics (the Python reference adaptkern/ops/mixed_adapter_linear/rows.py is the spec):
 //   rows are binned by adapter slot (bins 0..S-1; rows with id -1, or any id outside
 //   [0, S), form the last bin S, written as slot -1); each non-empty bin, in bin order,
 //   takes ceil(count / block_m) blocks of block_m entries holding its row indices in

@@ -6,7 +6,7 @@ in the same dtype, plus a small atol relative to the output's magnitude.
 
 import torch
 
-from adaptkern.ops import reference
+from adaptkern.ops.adapter_linear import reference
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 

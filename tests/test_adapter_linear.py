@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import adaptkern
-from adaptkern.ops import config, reference
+from adaptkern.ops import config
+from adaptkern.ops import common
+from adaptkern.ops.adapter_linear import reference
 from adaptkern.ops.adapter_linear import adapter_linear_op, dropout_mask
 
 from .helpers import assert_close_to_ref, eager_and_oracle, make_inputs, ref_fn
@@ -70,7 +72,7 @@ def test_matches_fp64_oracle(shape, route, dtype, device):
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("route", ["onepass", "split"])
-@pytest.mark.parametrize("act", reference.ACTIVATIONS)
+@pytest.mark.parametrize("act", common.ACTIVATIONS)
 def test_every_activation(act, route, device):
     _check_all(make_inputs(19, 33, 21, 6, torch.float32, seed=3), 1.3, act, route, device)
 

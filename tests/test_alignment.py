@@ -1,4 +1,4 @@
-"""Row alignment (adaptkern.ops.alignment): reference vs a loop oracle, native vs reference."""
+"""Row alignment (adaptkern.ops.mixed_adapter_linear.rows): reference vs a loop oracle, native vs reference."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from adaptkern.ops import alignment as al
-from adaptkern.ops.alignment import AlignedRows, align_rows, align_rows_reference, alignment_buffers
+from adaptkern.ops.mixed_adapter_linear import rows as al
+from adaptkern.ops.mixed_adapter_linear.rows import AlignedRows, align_rows, align_rows_reference, alignment_buffers
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -229,7 +229,7 @@ def test_compile_fullgraph():
 
 
 def test_import_builds_nothing():
-    code = "import sys, adaptkern.ops.alignment; assert 'torch.utils.cpp_extension' not in sys.modules"
+    code = "import sys, adaptkern.ops.mixed_adapter_linear.rows; assert 'torch.utils.cpp_extension' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=al._CSRC.parent)
 
 

@@ -15,6 +15,7 @@ import torch
 import adaptkern
 from adaptkern import cli
 from adaptkern.bench import cases, env, impls, plot, report, timing
+from adaptkern.ops import config
 from adaptkern.bench.run import UsageError, run_bench
 from adaptkern.testing import assert_close, compare
 
@@ -50,7 +51,7 @@ def test_bench_quick_writes_results_and_says_what_it_is(tmp_path):
         cmd += ["--filter", "lora", "--impls", "fused,eager,base_linear"]
     proc = _run(*cmd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads((tmp_path / f"{env.gpu_slug(env.device_name(env.default_device()))}.json").read_text())
+    data = json.loads((tmp_path / f"{config.gpu_slug(env.device_name(env.default_device()))}.json").read_text())
     _assert_results_schema(data)
     assert data["failures"] == []
     assert {r["impl"] for r in data["rows"]} >= {"fused", "eager", "base_linear"}
@@ -242,11 +243,11 @@ def test_timing_uses_do_bench_on_a_gpu_and_torch_benchmark_on_a_cpu(monkeypatch)
 
 
 def test_gpu_slug():
-    assert env.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert env.gpu_slug("NVIDIA H200") == "h200"
-    assert env.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
-    assert env.gpu_slug("NVIDIA GeForce RTX 4090") == "rtx4090"
-    assert env.gpu_slug("cpu") == "cpu"
+    assert config.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert config.gpu_slug("NVIDIA H200") == "h200"
+    assert config.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert config.gpu_slug("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert config.gpu_slug("cpu") == "cpu"
 
 
 def _data(device, rows, failures=()):

@@ -154,7 +154,7 @@ def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     report = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
-    from adaptkern.ops.adapter_linear import use_triton
+    from adaptkern.ops.common import use_triton
 
     report["use_triton_cpu"] = use_triton(torch.zeros(1))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))

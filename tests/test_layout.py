@@ -93,13 +93,16 @@ def test_ops_imports_nothing_above_it():
 
 
 def test_no_private_names_across_modules():
-    """``from x import _private`` between adaptkern modules means a missing public name."""
+    """``from x import _private`` between adaptkern modules means a missing public name. The one
+    exception: an op's ``op.py`` launches the ``_<op>_*_kernel`` functions of its own ``kernels.py``."""
     offenders = []
     for path in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("adaptkern")):
+                own_kernels = node.level == 1 and node.module == "kernels" and path.name == "op.py"
                 offenders += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
-                              if a.name.startswith("_") and not a.name.startswith("__")]
+                              if a.name.startswith("_") and not a.name.startswith("__")
+                              and not (own_kernels and a.name.startswith(f"_{path.parent.name}_"))]
     assert not offenders
 
 
@@ -109,7 +112,7 @@ def test_modules_are_small():
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 
-_UNFOLLOWABLE = re.compile(r"DESIGN\s*§|\bissues?\s*#?\d+\b|§\s*\d", re.IGNORECASE)
+_UNFOLLOWABLE = re.compile(r"DESIGN\s*§|\bissue\s*#?\d+\b|§\s*\d", re.IGNORECASE)
 
 
 def test_no_references_a_reader_cannot_follow():

@@ -1,11 +1,13 @@
-"""Mixed-adapter batches against the float64 per-adapter loop (``reference.mixed_adapter_linear_ref``)."""
+"""Mixed-adapter batches against the float64 per-adapter loop (``mixed_reference.mixed_adapter_linear_ref``)."""
 
 import pytest
 import torch
 from torch import nn
 
 import adaptkern
-from adaptkern.ops import config, reference
+from adaptkern.ops import config
+from adaptkern.ops.adapter_linear import reference
+from adaptkern.ops.mixed_adapter_linear import reference as mixed_reference
 from adaptkern.ops.mixed_adapter_linear import mixed_adapter_linear_op
 
 from .helpers import assert_close_to_ref
@@ -38,7 +40,7 @@ def make_stack(s, r, k, n, dtype, gen):
 
 def _oracle(x, w, bias, a, b, scales, ranks, ids, wrt_grad=None):
     ins = [t.detach().double().requires_grad_() for t in (x, a, b)]
-    y = reference.mixed_adapter_linear_ref(ins[0], w.double(), bias.double(), ins[1], None, ins[2], None,
+    y = mixed_reference.mixed_adapter_linear_ref(ins[0], w.double(), bias.double(), ins[1], None, ins[2], None,
                                            scales.double(), ranks, None, ids)
     grads = torch.autograd.grad(y, ins, wrt_grad.double()) if wrt_grad is not None else None
     return y.detach(), grads
@@ -47,7 +49,7 @@ def _oracle(x, w, bias, a, b, scales, ranks, ids, wrt_grad=None):
 def _eager(x, w, bias, a, b, scales, ranks, ids, grad):
     """The same loop in the test dtype: the error eager PyTorch makes."""
     ins = [t.detach().clone().requires_grad_() for t in (x, a, b)]
-    y = reference.mixed_adapter_linear_ref(ins[0], w, bias, ins[1], None, ins[2], None, scales.to(x.dtype), ranks,
+    y = mixed_reference.mixed_adapter_linear_ref(ins[0], w, bias, ins[1], None, ins[2], None, scales.to(x.dtype), ranks,
                                            None, ids)
     return y.detach(), torch.autograd.grad(y, ins, grad)
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import adaptkern
 from adaptkern import validation
-from adaptkern.ops import config, reference
+from adaptkern.ops import config
+from adaptkern.ops.adapter_linear import reference
 
 from .helpers import assert_close_to_ref
 

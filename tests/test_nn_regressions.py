@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptkern
-from adaptkern.ops import reference
+from adaptkern.ops.adapter_linear import reference
 
 from .helpers import assert_close_to_ref
 

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 import adaptkern
-from adaptkern.ops import config, reference
+from adaptkern.ops import config
+from adaptkern.ops.mixed_adapter_linear import reference as mixed_reference
 from adaptkern.ops.adapter_linear import adapter_linear_backward_op, adapter_linear_op
 from adaptkern.ops.mixed_adapter_linear import mixed_adapter_linear_backward_op, mixed_adapter_linear_op
 
@@ -19,7 +20,7 @@ from .helpers import assert_close_to_ref, make_inputs
 
 S, R, K, N = 4, 5, 12, 10
 RANKS = [5, 2, 0, 3]  # slot 2 is empty (rank 0) but has a nonzero c: reading it by mistake shows
-ACTS = [0, 2, 1, 4]  # identity, gelu, relu, silu (reference.ACTIVATIONS codes)
+ACTS = [0, 2, 1, 4]  # identity, gelu, relu, silu (common.ACTIVATIONS codes)
 
 
 @pytest.fixture(params=["reference", "kernels"])
@@ -57,7 +58,7 @@ def mixed_oracle(inputs, gy):
     ids = ins[10]
     ins[10] = torch.where((ids >= 0) & (ids < S), ids, -1)
     leaves = [t.double().requires_grad_() for t in ins[:7]]
-    y = reference.mixed_adapter_linear_ref(*leaves, ins[7].double(), *ins[8:])
+    y = mixed_reference.mixed_adapter_linear_ref(*leaves, ins[7].double(), *ins[8:])
     return y.detach(), torch.autograd.grad(y, leaves, gy.cpu().double())
 
 
@@ -112,14 +113,13 @@ def test_the_reference_ignores_out_of_range_ids_as_the_kernels_do():
     ids = [0, -2, S, 1, -7, S + 5]
     inputs = [t.double() if t.is_floating_point() else t for t in mixed_inputs(ids)]
     clean = torch.tensor([0, -1, -1, 1, -1, -1], dtype=torch.int32)
-    got = reference.mixed_adapter_linear_ref(*inputs)
-    assert torch.equal(got, reference.mixed_adapter_linear_ref(*inputs[:10], clean))
+    got = mixed_reference.mixed_adapter_linear_ref(*inputs)
+    assert torch.equal(got, mixed_reference.mixed_adapter_linear_ref(*inputs[:10], clean))
     x, w, _, a_all, a_bias, b_all, _, scales, ranks, acts, ids = inputs
     dy, needs = torch.ones_like(got), [True] * 7
-    for g, want in zip(reference.mixed_adapter_linear_backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, ids,
-                                                               needs),
-                       reference.mixed_adapter_linear_backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts,
-                                                               clean, needs)):
+    backward = mixed_reference.mixed_adapter_linear_backward
+    for g, want in zip(backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, ids, needs),
+                       backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, clean, needs)):
         assert torch.equal(g, want)
 
 
@@ -192,7 +192,7 @@ def test_inductor_compiles_a_differentiable_mixed_batch_on_the_reference_path(mo
     leaves64 = [t.detach().double().requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
     leaves64[7] = leaves64[7].double()
     leaves64[10] = torch.where((inputs[10] >= 0) & (inputs[10] < S), inputs[10], -1)
-    y64 = reference.mixed_adapter_linear_ref(*leaves64)
+    y64 = mixed_reference.mixed_adapter_linear_ref(*leaves64)
     grads64 = torch.autograd.grad(y64.relu().square().sum(), leaves64[:7])
     for name, g, eg, g64 in zip(("dx", "dW", "db", "dA", "da", "dB", "dc"), grads, eager_grads, grads64):
         torch.testing.assert_close(g, eg, msg=name)
@@ -334,6 +334,6 @@ def test_fp64_pool_keeps_scales_in_fp64(path_device):
     x, w, bias = (_t(*shape, dtype=torch.float64, seed=i) for i, shape in enumerate([(7, PK), (PN, PK), (PN,)], 3))
     ids = torch.tensor([0, -1, 0, 0, -1, 0, 0], dtype=torch.int32)
     y = adaptkern.mixed_adapter_linear(*(t.to(path_device) for t in (x, w, bias)), pool, ids.to(path_device))
-    want = reference.mixed_adapter_linear_ref(x, w, bias, a[None], None, b[None], None,
+    want = mixed_reference.mixed_adapter_linear_ref(x, w, bias, a[None], None, b[None], None,
                                               torch.tensor([1 / 3], dtype=torch.float64), None, None, ids)
     assert_close_to_ref("y", y.cpu(), want)

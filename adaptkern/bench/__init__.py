@@ -2,7 +2,7 @@
 pytest-benchmark suites in ``benchmarks/``). Nothing in the library imports it.
 
 * :mod:`.cases`   the shapes (core and mixed suites, CPU smoke shapes), their inputs, flops/bytes;
-* :mod:`.impls`   what is timed: the fused op, eager (``adaptkern.ops.reference``), real peft,
+* :mod:`.impls`   what is timed: the fused op, eager (``adaptkern.ops.adapter_linear.reference``), real peft,
                   torch.compile of eager, F.linear alone;
 * :mod:`.check`   the fused op against float64 before any timing (rule: :mod:`adaptkern.testing`);
 * :mod:`.timing`  ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on a CPU;

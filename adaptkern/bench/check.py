@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 import adaptkern
-from adaptkern.ops import reference
+from adaptkern.ops.mixed_adapter_linear import reference as mixed_reference
 from adaptkern.ops.config import interpreting
 from adaptkern.testing import Comparison, compare
 
@@ -110,7 +110,7 @@ def _check_mixed(inp: MixedInputs, grads: bool) -> list[Comparison]:
                                                 validate_ids=False)
             else:
                 scales = inp.scales.to(dtype or inp.scales.dtype)
-                y = reference.mixed_adapter_linear_ref(x, w, None, a, None, b, None, scales, None, None,
+                y = mixed_reference.mixed_adapter_linear_ref(x, w, None, a, None, b, None, scales, None, None,
                                                        inp.adapter_ids)
         gr = torch.autograd.grad(y, (x, a, b), dy.to(y.dtype)) if grads else ()
         return y.detach(), gr

@@ -10,7 +10,6 @@ import datetime as _dt
 import importlib.metadata
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -33,29 +32,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def gpu_slug(name: str) -> str:
-    """Short file-name form of a device name: "NVIDIA H100 80GB HBM3" -> "h100",
-    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090", "cpu" -> "cpu".
-
-    The results files and the per-GPU config tables are named by it.
-    """
-    drop = ("NVIDIA", "GEFORCE", "TESLA", "QUADRO")
-    tokens = [t for t in re.split(r"[\s\-_]+", name) if t and t.upper() not in drop]
-    if not tokens:
-        return "gpu"
-    slug = tokens[0]
-    if slug.upper() in ("RTX", "GTX") and len(tokens) > 1:
-        slug += tokens[1]
-    return re.sub(r"[^a-z0-9]+", "", slug.lower()) or "gpu"
-
-
 def execution_path(device: torch.device) -> str:
     """What the fused ops run on ``device``: the Triton kernels, the interpreter, or the reference."""
     if device.type == "cuda":
         return "Triton kernels (CUDA)" + (" under the Triton interpreter" if interpreting() else "")
     if interpreting():
         return "Triton kernels in the interpreter on the CPU (TRITON_INTERPRET=1)"
-    return "the PyTorch reference (adaptkern.ops.reference) on the CPU"
+    return "the PyTorch reference (adaptkern.ops.adapter_linear.reference) on the CPU"
 
 
 def package_version(name: str) -> Optional[str]:

@@ -7,7 +7,7 @@ Implementations (``impl`` in the results file):
                      precomputed, as ``AdapterLinear`` caches it for inference; forward_backward
                      folds inside every call (the fold is differentiated).
 * ``eager``          plain PyTorch ops, as PEFT and AdapterHub compute an adapter: the formulas of
-                     ``adaptkern.ops.reference`` (``lora_linear_ref``, ``bottleneck_linear_ref``).
+                     ``adaptkern.ops.adapter_linear.reference`` (``lora_linear_ref``, ``bottleneck_linear_ref``).
                      Mixed batches: :func:`eager_mixed_lora` (the base once, then per distinct
                      adapter its rows, with row indices built once outside the timing).
 * ``peft``           the real ``peft`` LoRA layer (``inject_adapter_in_model``) holding the same
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptkern
-from adaptkern.ops import reference
+from adaptkern.ops import common
+from adaptkern.ops.adapter_linear import reference
 
 from .cases import Case, CoreInputs, MixedInputs
 
@@ -76,14 +77,15 @@ def _tensors(inp: CoreInputs) -> tuple:
 
 
 def eager_core(case: Case, inp: CoreInputs) -> torch.Tensor:
-    """The eager composition (``adaptkern.ops.reference``) on a single-adapter case, in the inputs' dtype."""
+    """The eager composition (``adaptkern.ops.adapter_linear.reference``) on a single-adapter case, in the
+    inputs' dtype."""
     return _eager(case, *_tensors(inp))
 
 
 def fold(inp: CoreInputs):
     """The sequential bottleneck's folded down-projection (A = D·W, a = D·b + d), no autograd."""
     with torch.no_grad():
-        return reference.fold_sequential(inp.weight, inp.bias, inp.down_w, inp.down_b)
+        return common.fold_sequential(inp.weight, inp.bias, inp.down_w, inp.down_b)
 
 
 def fused_mixed(inp: MixedInputs) -> torch.Tensor:
@@ -99,7 +101,7 @@ def eager_mixed_lora(x, weight, bias, lora_a, lora_b, groups, scales) -> torch.T
 
     Shapes: x [M, K], weight [N, K], bias [N] | None, lora_a [S, r, K], lora_b [S, N, r],
     groups [(slot, rows int64)] built once (:func:`cases.row_groups`), scales: S floats.
-    Unlike ``reference.mixed_adapter_linear_ref`` it does not read the ids on the host per call.
+    Unlike ``mixed_reference.mixed_adapter_linear_ref`` it does not read the ids on the host per call.
     """
     result = F.linear(x, weight, bias)
     for slot, rows in groups:

@@ -24,7 +24,7 @@ from typing import Optional
 
 from . import timing
 from .cases import Case, work
-from .env import gpu_slug
+from ..ops.config import gpu_slug
 
 CASE_KEYS = ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype")
 ROW_KEYS = CASE_KEYS + ("impl", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb")
@@ -35,7 +35,7 @@ NOISY_MARK = "~"
 
 LEGEND = (
     "case id: <kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-S<adapters>]-<dtype>\n"
-    "fused: adaptkern's op; eager: the same math as plain PyTorch ops (adaptkern.ops.reference, PEFT's and "
+    "fused: adaptkern's op; eager: the same math as plain PyTorch ops (the ops' reference.py, PEFT's and "
     "AdapterHub's op order); peft: the real peft LoRA layer; compiled: torch.compile of eager; F.linear: the frozen "
     "layer alone\n"
     f"times: median ms; '{NOISY_MARK}' marks a spread p80/p20 > {timing.NOISY_SPREAD} (noisy)")

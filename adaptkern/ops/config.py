@@ -1,7 +1,7 @@
 """Launch configurations and the one-pass/split route heuristic, in one cached place.
 
-These defaults are reasoned, not yet measured (no GPU was at hand when they were set; the
-tuning issue replaces them with per-GPU tables):
+These defaults are reasoned, not yet measured (no GPU was at hand when they were set;
+per-GPU tables measured by the tuner replace them):
 
 * route, from a byte/flop model (docs/compiled-code.md): one-pass recomputes ``x·Aᵀ`` for
   every N tile, ``2·M·K·R_pad·N/BLOCK_N`` extra flops (+12.5 % at R_pad=16, BLOCK_N=128:
@@ -13,7 +13,7 @@ tuning issue replaces them with per-GPU tables):
 * the one-pass epilogue holds a ``BLOCK_M×BLOCK_R`` accumulator next to the output tile,
   so ranks above 64 always take the split route.
 
-Per-GPU tables (``configs/<gpu>.json``, written by ``adaptkern tune``; schema in
+Per-GPU tables (``configs/<gpu>.json``, written by ``benchmarks/tune.py``; schema in
 ``configs/README.md``) replace these heuristics where they have an entry:
 
 * a lookup needs ``device=`` (the launchers pass their tensor's device); ``device=None``,
@@ -21,11 +21,10 @@ Per-GPU tables (``configs/<gpu>.json``, written by ``adaptkern tune``; schema in
   file, kernel or shape all give the heuristic;
 * within a shape, the entry of the measured M nearest to m in log2 distance is taken
   (``m² < M_lo·M_hi`` picks M_lo; a tie goes to the smaller M);
-* every entry still passes through :func:`_fit`: a table cannot produce a launch whose
+* every entry still passes through :func:`fit`: a table cannot produce a launch whose
   pipelined tiles overflow shared memory;
-* a malformed table raises ``ValueError`` naming the file and the field (at the first
-  launch on that GPU; ``tests/test_config_tables.py`` validates every shipped table on CPU),
-  rather than silently running untuned;
+* a malformed table raises ``ValueError`` naming the file (at the first launch on that GPU),
+  rather than silently running untuned; the tuner checks the schema when it writes one;
 * files are read once per GPU kind and every lookup is cached: no file I/O per call.
 """
 
@@ -74,7 +73,7 @@ def _smem(cfg: GemmConfig, elem: int, extra_cols: int = 0) -> int:
     return cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * (cfg.block_n + extra_cols)) * elem
 
 
-def _fit(cfg: GemmConfig, elem: int, extra_cols: int = 0) -> GemmConfig:
+def fit(cfg: GemmConfig, elem: int, extra_cols: int = 0) -> GemmConfig:
     """Shrink stages, then BLOCK_K, then BLOCK_N until the pipelined tiles fit SMEM_BUDGET.
 
     ``elem`` is the dot operands' size in bytes (2 for fp16/bf16, 4 for fp32, 8 for fp64);
@@ -92,40 +91,33 @@ def _fit(cfg: GemmConfig, elem: int, extra_cols: int = 0) -> GemmConfig:
 # -- per-GPU tables ----------------------------------------------------------------------------
 
 TABLE_DIR = Path(__file__).with_name("configs")
-TABLE_VERSION = 1
 TABLE_KERNELS = ("gemm", "onepass", "mixed", "route")
-ROUTE_NAMES = ("onepass", "split")
 # Shape keys per kernel: N, K are power-of-two buckets (smallest power of two >= the size),
-# R the padded rank tile block_r(rank). The launch parameters each entry must hold, and the
-# informational fields it may hold (measurements written by ``adaptkern tune``).
+# R the padded rank tile block_r(rank). The schema of a table (fields, bounds) is checked by
+# what writes tables: benchmarks/tune_table.py.
 _SHAPE_KEYS = {"gemm": ("N",), "onepass": ("N", "R"), "mixed": ("K", "R"), "route": ("N", "R")}
-_TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
-_REQUIRED = {"gemm": _TILE_FIELDS + ("group_m",), "onepass": _TILE_FIELDS + ("group_m",), "mixed": _TILE_FIELDS,
-             "route": ("route",)}
-_OPTIONAL = {"mixed": ("split",)}
-_INFO_FIELDS = ("ms", "heuristic_ms", "onepass_ms", "split_ms", "candidates", "heuristic")
-_TOP_FIELDS = ("version", "elem", "env") + TABLE_KERNELS
-# Bounds that keep every entry launchable: with every block <= 256 and BLOCK_K >= 16, _fit
-# can always reach SMEM_BUDGET; tl.dot needs every block >= 16.
-_BOUNDS = {"block_m": (16, 256), "block_n": (16, 256), "block_k": (16, 256), "group_m": (1, 64),
-           "num_warps": (1, 16), "num_stages": (1, 8), "split": (1, 16)}
-_POW2 = ("block_m", "block_n", "block_k", "num_warps")
 
 
 class Table(NamedTuple):
-    """A parsed table: ``kernels[kernel][shape] = (sorted Ms, entries in the same order)``."""
+    """A loaded table: ``kernels[kernel][shape] = (sorted Ms, entries in the same order)``."""
 
     source: str
     elem: int
     kernels: dict
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _table_error(source: str, where: str, msg: str) -> ValueError:
-    return ValueError(f"config table {source}: {where}: {msg} (schema: adaptkern/ops/configs/README.md)")
+def gpu_slug(name: str) -> str:
+    """Short file-name form of a device name, naming the tables and results files:
+    "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100",
+    "NVIDIA GeForce RTX 4090" -> "rtx4090", "cpu" -> "cpu"."""
+    drop = ("NVIDIA", "GEFORCE", "TESLA", "QUADRO")
+    tokens = [t for t in re.split(r"[\s\-_]+", name) if t and t.upper() not in drop]
+    if not tokens:
+        return "gpu"
+    slug = tokens[0]
+    if slug.upper() in ("RTX", "GTX") and len(tokens) > 1:
+        slug += tokens[1]
+    return re.sub(r"[^a-z0-9]+", "", slug.lower()) or "gpu"
 
 
 def shape_key(kernel: str, **sizes: int) -> str:
@@ -133,96 +125,19 @@ def shape_key(kernel: str, **sizes: int) -> str:
 
     N and K are bucketed to the next power of two, R to the padded rank tile ``block_r``.
     """
-    parts = []
-    for name in _SHAPE_KEYS[kernel]:
-        v = sizes[name]
-        parts.append(f"{name}={block_r(v) if name == 'R' else _bucket(v)}")
-    return ",".join(parts)
+    return ",".join(f"{name}={block_r(sizes[name]) if name == 'R' else _bucket(sizes[name])}"
+                    for name in _SHAPE_KEYS[kernel])
 
 
-def _parse_shape(kernel: str, key: str, source: str) -> str:
-    names = _SHAPE_KEYS[kernel]
-    pattern = ",".join(rf"{n}=(\d+)" for n in names)
-    match = re.fullmatch(pattern, key) if isinstance(key, str) else None
-    example = shape_key(kernel, N=4096, K=4096, R=16)
-    if match is None:
-        raise _table_error(source, f"{kernel}[{key!r}]", f"shape key must look like {example!r}")
-    for name, v in zip(names, match.groups()):
-        v = int(v)
-        if not _is_pow2(v) or (name == "R" and v < 16):
-            raise _table_error(source, f"{kernel}[{key!r}]",
-                               f"{name}={v} is not a bucket (a power of two{', >= 16' if name == 'R' else ''})")
-        if kernel == "route" and name == "R" and v > ONEPASS_MAX_RANK:
-            raise _table_error(source, f"{kernel}[{key!r}]",
-                               f"R={v}: ranks above {ONEPASS_MAX_RANK} always take the split route")
-    return key
-
-
-def _parse_entry(kernel: str, where: str, entry, source: str) -> dict:
-    if not isinstance(entry, dict):
-        raise _table_error(source, where, f"entry must be an object, got {type(entry).__name__}")
-    allowed = set(_REQUIRED[kernel]) | set(_OPTIONAL.get(kernel, ())) | set(_INFO_FIELDS)
-    for name in entry:
-        if name not in allowed:
-            raise _table_error(source, f"{where}.{name}", f"unknown field; {kernel} entries hold "
-                               f"{', '.join(_REQUIRED[kernel] + _OPTIONAL.get(kernel, ()))}")
-    for name in _REQUIRED[kernel]:
-        if name not in entry:
-            raise _table_error(source, f"{where}.{name}", "missing")
-    out = {}
-    for name in _REQUIRED[kernel] + _OPTIONAL.get(kernel, ()):
-        if name not in entry:
-            continue
-        v = entry[name]
-        if name == "route":
-            if v not in ROUTE_NAMES:
-                raise _table_error(source, f"{where}.route", f"must be one of {ROUTE_NAMES}, got {v!r}")
-            out[name] = v
-            continue
-        lo, hi = _BOUNDS[name]
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise _table_error(source, f"{where}.{name}", f"must be an integer in [{lo}, {hi}], got {v!r}")
-        if name in _POW2 and not _is_pow2(v):
-            raise _table_error(source, f"{where}.{name}", f"must be a power of two, got {v}")
-        out[name] = v
-    return out
-
-
-def parse_table(data, source: str = "<table>") -> Table:
-    """Validate a table (the parsed JSON) and index it for lookup; ``ValueError`` names the
-    file (``source``) and the field at fault."""
-    if not isinstance(data, dict):
-        raise _table_error(source, "top level", f"must be an object, got {type(data).__name__}")
-    for name in data:
-        if name not in _TOP_FIELDS:
-            raise _table_error(source, name, f"unknown top-level field; expected some of {_TOP_FIELDS}")
-    if data.get("version") != TABLE_VERSION:
-        raise _table_error(source, "version", f"must be {TABLE_VERSION}, got {data.get('version')!r}")
-    elem = data.get("elem")
-    if elem not in (2, 4, 8) or isinstance(elem, bool):
-        raise _table_error(source, "elem", f"must be the dot operand size in bytes (2, 4 or 8), got {elem!r}")
-    if not isinstance(data.get("env", {}), dict):
-        raise _table_error(source, "env", "must be an object")
-    kernels = {}
-    for kernel in TABLE_KERNELS:
-        shapes = data.get(kernel, {})
-        if not isinstance(shapes, dict):
-            raise _table_error(source, kernel, "must be an object keyed by shape")
-        parsed = {}
-        for key, by_m in shapes.items():
-            _parse_shape(kernel, key, source)
-            if not isinstance(by_m, dict) or not by_m:
-                raise _table_error(source, f"{kernel}[{key!r}]", "must be a non-empty object keyed by M")
-            rows = []
-            for m_key, entry in by_m.items():
-                where = f"{kernel}[{key!r}][{m_key!r}]"
-                if not (isinstance(m_key, str) and m_key.isdigit() and int(m_key) >= 1):
-                    raise _table_error(source, where, "M keys must be positive integers written as strings")
-                rows.append((int(m_key), _parse_entry(kernel, where, entry, source)))
-            rows.sort(key=lambda r: r[0])
-            parsed[key] = (tuple(m for m, _ in rows), tuple(e for _, e in rows))
-        kernels[kernel] = parsed
-    return Table(source, elem, kernels)
+def index_table(data: dict, source: str = "<table>") -> Table:
+    """Index a table (parsed JSON, as benchmarks/tune.py writes it) by kernel, shape and M."""
+    try:
+        kernels = {kernel: {key: tuple(zip(*sorted((int(m), entry) for m, entry in by_m.items())))
+                            for key, by_m in data.get(kernel, {}).items()} for kernel in TABLE_KERNELS}
+        return Table(source, int(data["elem"]), kernels)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"config table {source} is malformed ({type(e).__name__}: {e}); check it with "
+                         f"benchmarks/tune_table.py") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,8 +149,8 @@ def _load_table(directory: Path, slug: str) -> Optional[Table]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise _table_error(str(path), f"line {e.lineno} column {e.colno}", f"not valid JSON ({e.msg})") from None
-    return parse_table(data, str(path))
+        raise ValueError(f"config table {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return index_table(data, str(path))
 
 
 _override: Optional[Table] = None
@@ -244,11 +159,11 @@ _override: Optional[Table] = None
 @contextlib.contextmanager
 def table_override(data: Optional[dict]) -> Iterator[None]:
     """Use ``data`` (a table as parsed JSON; ``{"version": 1, "elem": 2}`` holds no entry) as
-    the table of every CUDA device inside the block, instead of the files. ``adaptkern tune``
-    times its candidates through it; tests use it as a loader hook. Not thread-safe."""
+    the table of every CUDA device inside the block, instead of the files. The tuner times its
+    candidates through it; tests use it as a loader hook. Not thread-safe."""
     global _override
     previous = _override
-    _override = parse_table(data, "<override>") if data is not None else None
+    _override = index_table(data, "<override>") if data is not None else None
     clear_caches()
     try:
         yield
@@ -259,8 +174,6 @@ def table_override(data: Optional[dict]) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=None)
 def _device_slug(index: int) -> str:
-    from adaptkern.bench.report import gpu_slug  # lazy: only on a GPU, at its first launch
-
     return gpu_slug(torch.cuda.get_device_name(index))
 
 
@@ -311,7 +224,7 @@ def _entry(gpu: Optional[str], kernel: str, key: str, m: int, elem: Optional[int
 def _from_entry(entry: dict, elem: int, extra_cols: int = 0) -> GemmConfig:
     cfg = GemmConfig(entry["block_m"], entry["block_n"], entry["block_k"], entry.get("group_m", 8),
                      entry["num_warps"], entry["num_stages"])
-    return _fit(cfg, elem, extra_cols)
+    return fit(cfg, elem, extra_cols)
 
 
 def clear_caches() -> None:
@@ -339,7 +252,7 @@ def _gemm_config(m_bucket: int, n: int, elem: int, interpret: bool) -> GemmConfi
         cfg = GemmConfig(32, max(16, n), 128, 8, 4, 4)
     else:
         cfg = GemmConfig(128, 128, 64, 8, 8, 3)
-    return _fit(cfg, elem)
+    return fit(cfg, elem)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -351,7 +264,7 @@ def _gemm_cached(m: int, n_bucket: int, elem: int, interpret: bool, gpu: Optiona
 
 
 def gemm_config(m: int, n: int, elem: int = 2, *, device=None) -> GemmConfig:
-    """Block shape for an [m, n] output of ``_gemm_kernel`` with ``elem``-byte dot operands:
+    """Block shape for an [m, n] output of ``_dual_gemm_kernel`` with ``elem``-byte dot operands:
     the table of ``device``'s GPU kind at the nearest measured M, else the heuristic."""
     return _gemm_cached(max(m, 1), _bucket(n), elem, interpreting(), _gpu(device))
 
@@ -373,8 +286,8 @@ def _onepass_cached(m: int, n_bucket: int, br: int, elem: int, interpret: bool, 
         # the whole tile (80 mma.sync per K step where a plain matmul issues 16). 64 rows on
         # one warpgroup run wgmma without the redundancy (16 per K step); BLOCK_N 32 gives
         # N/32 programs to stream W (128 at N=4096).
-        return _fit(GemmConfig(64, 32, 128, 1, 4, 4), elem, extra_cols=br)
-    return _fit(_gemm_cached(m, n_bucket, elem, False, None), elem, extra_cols=br)
+        return fit(GemmConfig(64, 32, 128, 1, 4, 4), elem, extra_cols=br)
+    return fit(_gemm_cached(m, n_bucket, elem, False, None), elem, extra_cols=br)
 
 
 def onepass_config(m: int, n: int, rank: int, elem: int = 2, *, device=None) -> GemmConfig:
@@ -477,10 +390,10 @@ def _mixed_cached(m: int, k: int, br: int, elem: int, interpret: bool, gpu: Opti
         split = entry.get("split", split)
     else:
         bm = 16 if m <= 16 else (64 if m <= 256 else 128)
-        cfg = _fit(GemmConfig(bm, 64 if m <= 16 else 128, 64, 8, 4 if bm <= 64 else 8, 3), elem)
+        cfg = fit(GemmConfig(bm, 64 if m <= 16 else 128, 64, 8, 4 if bm <= 64 else 8, 3), elem)
     shrink = cfg
     if sort_rows:
-        shrink = _fit(GemmConfig(32, tile_r, 128, 1, 4, 4), elem)
+        shrink = fit(GemmConfig(32, tile_r, 128, 1, 4, 4), elem)
     return MixedPlan(sort_rows, split, cfg.block_m, cfg.block_n, cfg.block_k, tile_r, cfg.num_warps, cfg.num_stages,
                      shrink.block_m, shrink.block_k, shrink.num_warps, shrink.num_stages)
 
@@ -490,7 +403,7 @@ def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> 
 
     * Rows are sorted by slot (counting sort, the alignment op with block_m=1) above
       MIXED_SORT_MIN_M rows, so that a block meets few distinct slots. Rows are *not*
-      padded to one slot per block as DESIGN §3 proposed: padding costs (S+1)·(BLOCK_M-1)
+      padded to one slot per block: padding costs (S+1)·(BLOCK_M-1)
       extra rows of base GEMM, +200 % at M=8192, S=128, BLOCK_M=128, where a block of
       sorted rows meets about BLOCK_M·S/M + 1 = 3 slots, each one extra rank-R dot.
     * At decode sizes the shrink's K loop is split across programs (partials summed in a

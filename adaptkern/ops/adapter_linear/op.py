@@ -1,6 +1,6 @@
 """The fused adapter linear: launchers → ``adaptkern::adapter_linear`` custom op → autograd.
 
-Semantics (DESIGN §1)::
+Semantics::
 
     z = x̃·Aᵀ + a,   y = x·Wᵀ + b + s·(f(z)·Bᵀ + c),   x̃ = dropout(x)
 
@@ -26,103 +26,19 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
-from . import config, reference
-from .triton_kernels import (
-    ACT_CODES,
-    DROP_ACC2,
-    DROP_NONE,
-    DROP_P1,
-    DROP_Q1,
-    EPI_ACT,
-    EPI_ACT_GRAD,
-    EPI_NONE,
-    _dropout_mask_kernel,
-    _gemm_kernel,
-    _onepass_fwd_kernel,
-)
+from .. import config
+from ..common import ACT_CODES, acc_dtype, dot_flags, elem_size, strides_of, use_triton, vectors
+from ..gemm import DROP_ACC2, DROP_NONE, DROP_P1, DROP_Q1, EPI_ACT, EPI_ACT_GRAD, EPI_NONE, gemm
+from . import reference
+from .kernels import _adapter_linear_dropout_mask_kernel, _adapter_linear_onepass_kernel
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
 ROUTES = ("auto", "onepass", "split")
 
-
-def use_triton(x: Tensor) -> bool:
-    """Whether ``x`` runs the Triton kernels (CUDA, or any device under the interpreter)."""
-    return x.is_cuda or config.interpreting()
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator and rank-R intermediate dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_dtype(dtype: torch.dtype) -> dict:
-    """Kernel dtype flags: bf16 is upcast under the interpreter (triton#11584)."""
-    if dtype == torch.float64:
-        return dict(DOT_DTYPE=tl.float64, ACC=tl.float64, PRECISION="ieee")
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and config.interpreting()):
-        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not config.interpreting()
-        return dict(DOT_DTYPE=tl.float32, ACC=tl.float32, PRECISION="tf32" if tf32 else "ieee")
-    return dict(DOT_DTYPE=_TL_DTYPES[dtype], ACC=tl.float32, PRECISION="tf32")
-
-
-def _strides(t: Optional[Tensor], ndim: int = 2):
-    return tuple(t.stride()) if t is not None else (0,) * ndim
-
-
-def _elem(dot_dtype: dict) -> int:
-    """Bytes per dot operand, for the shared-memory fit of ``config``."""
-    return dot_dtype["DOT_DTYPE"].primitive_bitwidth // 8
-
-
-def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
-         epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
-         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False):
-    """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2).
-
-    Shapes: out [M, N], p1 [M, K1], q1 [K1, N], p2 [M, K2], q2 [K2, N], bias [N], z [M, N]
-    fp32; any strides (1-D bias vectors contiguous). With ``allow_split_k`` (backward only:
-    the atomics make the summation order vary), a contiguous float32 ``out`` with no
-    epilogue and no second product may be reduced with split-K; it is zero-filled first.
-    """
-    m, n = out.shape
-    k1 = p1.shape[1]
-    k2 = p2.shape[1] if p2 is not None else 0
-    if m == 0 or n == 0:
-        return out
-    cfg = config.gemm_config(m, n, _elem(dot_dtype), device=out.device)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    splits = 1
-    if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
-            and out.is_contiguous()):
-        splits = config.split_k(tiles, k1, cfg.block_k, out.device)
-    if splits > 1:
-        out.zero_()
-    _gemm_kernel[(tiles, splits)](
-        out, p1, q1,
-        p2 if p2 is not None else out, q2 if q2 is not None else out,
-        bias1 if bias1 is not None else out, bias2 if bias2 is not None else out,
-        z if z is not None else out, seed if seed is not None else out,
-        m, n, k1, k2,
-        *out.stride(), *p1.stride(), *q1.stride(), *_strides(p2), *_strides(q2), *_strides(z),
-        alpha1, alpha2, dropout_p, drop_ld,
-        HAS_SECOND=p2 is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
-        EPILOGUE=epilogue, STORE_Z=store_z, ACT=act, DROP=drop, SPLIT_K=splits,
-        **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
-
-
-def _vectors(*ts):
-    """1-D operands made contiguous: the kernels index them with unit stride."""
-    return [None if t is None else t.contiguous() for t in ts]
-
-
 def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, seed, need_z, route):
-    bias, a_b, b_b = _vectors(bias, a_b, b_b)
+    bias, a_b, b_b = vectors(bias, a_b, b_b)
     m, k = x.shape
     n, r = weight.shape[0], a_w.shape[0]
     y = x.new_empty((m, n))
@@ -131,18 +47,18 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
         return y, z
     code = ACT_CODES[act]
     dropout = dropout_p > 0.0
-    dot_dtype = _dot_dtype(x.dtype)
+    dot_dtype = dot_flags(x.dtype)
     if route == "auto":
         route = config.choose_route(m, r, dropout, n=n, device=x.device)
     if route == "onepass":
-        cfg = config.onepass_config(m, n, r, _elem(dot_dtype), device=x.device)
+        cfg = config.onepass_config(m, n, r, elem_size(dot_dtype), device=x.device)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _onepass_fwd_kernel[grid](
+        _adapter_linear_onepass_kernel[grid](
             y, z, x, weight,
             bias if bias is not None else y, a_w, a_b if a_b is not None else y,
             b_w, b_b if b_b is not None else y, seed if dropout else y,
             m, n, k, r,
-            *y.stride(), *_strides(z if need_z else None), *x.stride(), *weight.stride(),
+            *y.stride(), *strides_of(z if need_z else None), *x.stride(), *weight.stride(),
             *a_w.stride(), *b_w.stride(),
             scale, dropout_p,
             HAS_BIAS=bias is not None, HAS_AB=a_b is not None, HAS_BB=b_b is not None,
@@ -161,13 +77,12 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
     gemm(y, x, weight.t(), p2=s, q2=b_w.t(), bias1=bias, bias2=b_b, alpha2=scale, dot_dtype=dot_dtype)
     return y, z
 
-
 def _backward_triton(dy, x, weight, a_w, b_w, z, scale, act, dropout_p, seed, needs):
     m, k = x.shape
     n, r = weight.shape[0], a_w.shape[0]
     need_x, need_w, need_b, need_aw, need_ab, need_bw, need_bb = needs
     f32 = dict(dtype=acc_dtype(x.dtype), device=x.device)
-    dot_dtype = _dot_dtype(x.dtype)
+    dot_dtype = dot_flags(x.dtype)
     dropout = dropout_p > 0.0
     code = ACT_CODES[act]
     dy32_sum = dy.sum(0, dtype=f32["dtype"]) if (need_b or need_bb) else None
@@ -194,12 +109,10 @@ def _backward_triton(dy, x, weight, a_w, b_w, z, scale, act, dropout_p, seed, ne
         dbw, scale * dy32_sum if need_bb else None,
     )
 
-
 def _keep_mask(seed: Optional[Tensor], m: int, k: int, p: float, device) -> Optional[Tensor]:
     if p == 0.0:
         return None
     return reference.dropout_keep_mask(int(seed.item()), (m, k), p, device)
-
 
 @torch.library.custom_op("adaptkern::adapter_linear", mutates_args=())
 def adapter_linear_op(
@@ -219,13 +132,11 @@ def adapter_linear_op(
     return reference.adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, keep, dropout_p,
                                             need_z)
 
-
 @adapter_linear_op.register_fake
 def _(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, dropout_p, seed, need_z, route):
     m, r = x.shape[0], a_w.shape[0]
     z_shape = (m, r) if need_z else (0,)
     return x.new_empty((m, weight.shape[0])), x.new_empty(z_shape, dtype=acc_dtype(x.dtype))
-
 
 @torch.library.custom_op("adaptkern::adapter_linear_backward", mutates_args=())
 def adapter_linear_backward_op(
@@ -244,7 +155,6 @@ def adapter_linear_backward_op(
         grads = reference.adapter_linear_backward(dy, x, weight, a_w, b_w, z, scale, activation, keep, dropout_p, needs)
     return [g.to(x.dtype) if g is not None else x.new_empty(0) for g in grads]
 
-
 @adapter_linear_backward_op.register_fake
 def _(dy, x, weight, a_w, b_w, z, scale, activation, dropout_p, seed, needs):
     m, k = x.shape
@@ -252,14 +162,12 @@ def _(dy, x, weight, a_w, b_w, z, scale, activation, dropout_p, seed, needs):
     shapes = [(m, k), (n, k), (n,), (r, k), (r,), (n, r), (n,)]
     return [x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
 
-
 def _setup_context(ctx, inputs, output):
     x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, dropout_p, seed, need_z, route = inputs
     _, z = output
     ctx.save_for_backward(x, weight, a_w, b_w, z, seed)
     ctx.args = (scale, activation, dropout_p)
     ctx.present = (True, True, bias is not None, True, a_b is not None, True, b_b is not None)
-
 
 def _backward(ctx, dy, _dz):
     x, weight, a_w, b_w, z, seed = ctx.saved_tensors
@@ -274,9 +182,7 @@ def _backward(ctx, dy, _dz):
     out = [g if need else None for g, need in zip(grads, needs)]
     return (*out, None, None, None, None, None, None)
 
-
 adapter_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
 
 def dropout_mask(seed: Tensor, m: int, k: int, p: float) -> Tensor:
     """Semantics: the keep-mask [m, k] (bool) the adapter kernels draw for ``seed`` and p.
@@ -288,5 +194,5 @@ def dropout_mask(seed: Tensor, m: int, k: int, p: float) -> Tensor:
     out = torch.empty((m, k), dtype=torch.int8, device=seed.device)
     if m * k:
         block = 1024
-        _dropout_mask_kernel[(triton.cdiv(m * k, block),)](out, seed, m, k, p, BLOCK=block)
+        _adapter_linear_dropout_mask_kernel[(triton.cdiv(m * k, block),)](out, seed, m, k, p, BLOCK=block)
     return out.bool()

@@ -1,4 +1,4 @@
-"""Triton kernels for batches in which every row may use a different adapter (DESIGN §3).
+"""Triton kernels for batches in which every row may use a different adapter (docs/design-notes.md).
 
 Row i with slot s = ids[i] (``-1``: base only) computes::
 
@@ -8,13 +8,13 @@ Three kernels, each iterating, inside a block of rows, over the slots present in
 (``_next_slot``), so that every adapter product is a tensor-core ``tl.dot`` on the rows
 that use that slot and rows of other slots receive an exact zero:
 
-* ``_mixed_shrink_kernel``: ``P[split] = x·A_sᵀ`` over one K range per split (partials are
+* ``_mixed_adapter_linear_shrink_kernel``: ``P[split] = x·A_sᵀ`` over one K range per split (partials are
   reduced in a fixed order by the consumer: no atomics, so the forward is bitwise
   reproducible and batch invariant; backward's per-slot sums follow the row sort, which
   the CUDA alignment op does not keep stable).
-* ``_mixed_linear_kernel``: ``y = x·Wᵀ + b`` on a row block, then per present slot
+* ``_mixed_adapter_linear_kernel``: ``y = x·Wᵀ + b`` on a row block, then per present slot
   ``z = ΣP + a_s`` → ``f_s`` → ``·B_sᵀ`` in the epilogue; y is written once.
-* ``_segment_gemm_kernel``: per-slot reductions over that slot's rows for backward
+* ``_mixed_adapter_linear_segment_kernel``: per-slot reductions over that slot's rows for backward
   (``dA_s = Σ dZᵀ·x``, ``dB_s = scale_s·Σ dYᵀ·f(z)``).
 
 Rows are read through an optional permutation (rows sorted by slot, from the alignment
@@ -26,27 +26,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act, _load_rows, _tile_ids, _unit
+from ..triton_common import act, load_rows, tile_ids, unit
+
 
 NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)  # "no further slot" sentinel of _next_slot
-
 
 @triton.jit
 def _next_slot(slots, after):
     """Smallest slot in ``slots`` greater than ``after`` (NO_SLOT if none)."""
     return tl.min(tl.where(slots > after, slots, NO_SLOT), axis=0)
 
-
 @triton.jit
 def _act_by_code(z, code):
     """f(z) for a run-time activation code (one per slot in a mixed pool)."""
     out = z
-    out = tl.where(code == 1, _act(z, 1), out)
-    out = tl.where(code == 2, _act(z, 2), out)
-    out = tl.where(code == 3, _act(z, 3), out)
-    out = tl.where(code == 4, _act(z, 4), out)
+    out = tl.where(code == 1, act(z, 1), out)
+    out = tl.where(code == 2, act(z, 2), out)
+    out = tl.where(code == 3, act(z, 3), out)
+    out = tl.where(code == 4, act(z, 4), out)
     return out
-
 
 @triton.jit
 def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
@@ -66,9 +64,8 @@ def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: t
     slots = tl.where((slots >= 0) & (slots < S), slots, -1)
     return rows.to(tl.int64), ok, slots
 
-
 @triton.jit
-def _mixed_shrink_kernel(
+def _mixed_adapter_linear_shrink_kernel(
     p_ptr,  # [SPLIT, M, R] out (fp32): x·A_sᵀ over this split's K range
     x_ptr,  # [M, K]
     a_ptr,  # [S, R, K]
@@ -109,9 +106,8 @@ def _mixed_shrink_kernel(
         s = _next_slot(slots, s)
     tl.store(p_ptr + split * M * R + rows[:, None] * R + rr[None, :], out, mask=ok[:, None] & (rr < R)[None, :])
 
-
 @triton.jit
-def _mixed_linear_kernel(
+def _mixed_adapter_linear_kernel(
     y_ptr,  # [M, N] out
     z_ptr,  # [M, R] out (STORE_Z; arrives zero-filled): z = ΣP + a_s for rows with a slot
     x_ptr,  # [M, K]
@@ -135,7 +131,7 @@ def _mixed_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows, ok, slots = _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M, SORTED)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -145,7 +141,7 @@ def _mixed_linear_kernel(
     # Rows past M read row 0 (_block_rows) and, for a row-major W, columns past N column
     # N-1, dropped at the store: the K loop masks K only, and its pointers advance by
     # BLOCK_K (200 → 126 registers with the epilogue below, benchmarks/kernel_report.py).
-    rn_ld, wn_ok = _load_rows(rn, N, _unit(stride_wk))
+    rn_ld, wn_ok = load_rows(rn, N, unit(stride_wk))
     x_ptrs = x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk
     for k0 in range(0, K, BLOCK_K):
@@ -204,9 +200,8 @@ def _mixed_linear_kernel(
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=ok[:, None] & n_ok[None, :])
 
-
 @triton.jit
-def _segment_gemm_kernel(
+def _mixed_adapter_linear_segment_kernel(
     out_ptr,  # [S, P_COLS, Q_COLS] out (fp32): out[s] = alpha_s · Σ_{rows of s} P[row]ᵀ ⊗ Q[row]
     p_ptr,  # [M, P_COLS]
     q_ptr,  # [M, Q_COLS]

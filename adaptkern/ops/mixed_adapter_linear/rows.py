@@ -1,4 +1,4 @@
-"""Row alignment for mixed-adapter batches (DESIGN §3, §4).
+"""Row alignment for mixed-adapter batches (docs/design-notes.md).
 
 Rows of a batch that use different adapters are grouped by slot so that the prefill
 kernel can run one slot per ``block_m``-row block: histogram of slots -> exclusive scan of
@@ -34,7 +34,7 @@ __all__ = [
     "native_available",
 ]
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _CUDA_MAX_SLOTS = 10239  # align_cuda.cu: kMaxBins - 1 (one shared-memory histogram of S + 1 bins)
 _NATIVE: frozenset[str] | None = None  # device types of the loaded native op; None = not tried
 _NATIVE_ERROR: str | None = None  # why the native op is unavailable (for tests and `info`)

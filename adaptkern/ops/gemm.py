@@ -1,0 +1,150 @@
+"""The generic dual GEMM ``C = α₁·P₁·Q₁ + α₂·P₂·Q₂ + bias₁ + α₂·bias₂`` with optional
+activation epilogues, dropout of whichever operand is x, and split-K: the shrink and main
+GEMM of the split route and every backward product of both ops."""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config
+from .common import elem_size, strides_of
+from .triton_common import act, act_grad, keep_scale, tile_ids
+
+
+# Dropout sites of _dual_gemm_kernel: which operand is x (dropout applies to x only).
+DROP_NONE, DROP_P1, DROP_Q1, DROP_ACC2 = 0, 1, 2, 3
+
+# Epilogues of _dual_gemm_kernel.
+EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
+
+@triton.jit
+def _dual_gemm_kernel(
+    c_ptr,  # [M, N] out
+    p1_ptr,  # [M, K1]
+    q1_ptr,  # [K1, N]
+    p2_ptr,  # [M, K2]   (HAS_SECOND)
+    q2_ptr,  # [K2, N]   (HAS_SECOND)
+    bias1_ptr,  # [N]    added once
+    bias2_ptr,  # [N]    added times alpha2
+    z_ptr,  # [M, N] fp32: written before f (EPILOGUE 1, STORE_Z) or read for f'(z) (EPILOGUE 2)
+    seed_ptr,  # [1] int64 (DROP != 0)
+    M, N, K1, K2,
+    stride_cm, stride_cn, stride_p1m, stride_p1k, stride_q1k, stride_q1n,
+    stride_p2m, stride_p2k, stride_q2k, stride_q2n, stride_zm, stride_zn,
+    alpha1, alpha2, dropout_p, drop_ld,
+    HAS_SECOND: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    EPILOGUE: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr, DROP: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K2: tl.constexpr = 16,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M·N may pass 2³¹
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rk = rk.to(tl.int64)  # K1 may count tokens (dW = dYᵀ·x): row offsets past 2³¹
+    m_ok = rm < M
+    n_ok = rn < N
+    seed = 0
+    if DROP != 0:
+        seed = tl.load(seed_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if HAS_SECOND:
+        # The rank product first, into the one accumulator (a second BLOCK_M×BLOCK_N fp32
+        # accumulator costs 64 registers a thread at 128×128 on 8 warps and halves
+        # occupancy), over a rank-sized K tile: BLOCK_K2 = 16 = block_r(16), not BLOCK_K=64
+        # with 75 % masked (217 → 119 registers, benchmarks/kernel_report.py). Larger ranks
+        # loop: P₂ is fp32 in memory, and a 64-wide P₂ tile costs 40 registers (R=256: 117
+        # at 16, 160 at 64). Scaled by α₂/α₁ here, so that the final ×α₁ leaves α₂·P₂·Q₂
+        # (callers pass α₁ = 1; α₁ must not be 0 with a second product).
+        rk2 = tl.arange(0, BLOCK_K2)
+        for k0 in range(0, K2, BLOCK_K2):
+            kk = k0 + rk2
+            k_ok = kk < K2
+            p = tl.load(p2_ptr + rm[:, None] * stride_p2m + kk[None, :] * stride_p2k,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            q = tl.load(q2_ptr + kk[:, None] * stride_q2k + rn[None, :] * stride_q2n,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = acc * (alpha2 / alpha1)
+        if DROP == 3:  # the second product is a gradient of x [M, N]: masked before the K loop
+            acc = acc * keep_scale(seed, rm, pid_n * BLOCK_N, drop_ld, dropout_p, BLOCK_N)
+
+    # Split-K: program pid_k reduces K1 blocks pid_k, pid_k + SPLIT_K, ...
+    for k0 in range(pid_k * BLOCK_K, K1, BLOCK_K * SPLIT_K):
+        kk = k0 + rk
+        k_ok = kk < K1
+        p = tl.load(p1_ptr + rm[:, None] * stride_p1m + kk[None, :] * stride_p1k,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(q1_ptr + kk[:, None] * stride_q1k + rn[None, :] * stride_q1n,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DROP == 1:  # P1 is x [M, K1]
+            p = p.to(ACC) * keep_scale(seed, rm, k0, drop_ld, dropout_p, BLOCK_K)
+        if DROP == 2:  # Q1 is x [K1, N]
+            q = q.to(ACC) * keep_scale(seed, kk, pid_n * BLOCK_N, drop_ld, dropout_p, BLOCK_N)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    acc = acc * alpha1
+
+    if pid_k == 0:
+        if HAS_BIAS1:
+            acc += tl.load(bias1_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+        if HAS_BIAS2:
+            acc += alpha2 * tl.load(bias2_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    z_ptrs = z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn
+    if EPILOGUE == 1:
+        if STORE_Z:
+            tl.store(z_ptrs, acc, mask=mask)
+        acc = act(acc, ACT)
+    elif EPILOGUE == 2:
+        acc = acc * act_grad(tl.load(z_ptrs, mask=mask, other=0.0), ACT)
+
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, acc, mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
+         epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
+         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False):
+    """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2).
+
+    Shapes: out [M, N], p1 [M, K1], q1 [K1, N], p2 [M, K2], q2 [K2, N], bias [N], z [M, N]
+    fp32; any strides (1-D bias vectors contiguous). With ``allow_split_k`` (backward only:
+    the atomics make the summation order vary), a contiguous float32 ``out`` with no
+    epilogue and no second product may be reduced with split-K; it is zero-filled first.
+    """
+    m, n = out.shape
+    k1 = p1.shape[1]
+    k2 = p2.shape[1] if p2 is not None else 0
+    if m == 0 or n == 0:
+        return out
+    cfg = config.gemm_config(m, n, elem_size(dot_dtype), device=out.device)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    splits = 1
+    if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
+            and out.is_contiguous()):
+        splits = config.split_k(tiles, k1, cfg.block_k, out.device)
+    if splits > 1:
+        out.zero_()
+    _dual_gemm_kernel[(tiles, splits)](
+        out, p1, q1,
+        p2 if p2 is not None else out, q2 if q2 is not None else out,
+        bias1 if bias1 is not None else out, bias2 if bias2 is not None else out,
+        z if z is not None else out, seed if seed is not None else out,
+        m, n, k1, k2,
+        *out.stride(), *p1.stride(), *q1.stride(), *strides_of(p2), *strides_of(q2), *strides_of(z),
+        alpha1, alpha2, dropout_p, drop_ld,
+        HAS_SECOND=p2 is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
+        EPILOGUE=epilogue, STORE_Z=store_z, ACT=act, DROP=drop, SPLIT_K=splits,
+        **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
