@@ -63,6 +63,10 @@ _HONOURED_FIELDS = frozenset({
 _INIT_KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})
 
 
+def _init_keeps_base(init) -> bool:
+    return init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _INIT_KEEPS_BASE)
+
+
 def _is_neutral(value, neutral) -> bool:
     return value == neutral or (neutral is None and value in ([], {}, "")) or (neutral is False and value is None)
 
@@ -110,7 +114,7 @@ def _check_config(config) -> dict:
             raise NotImplementedError(f"{CONFIG_NAME}: {field}={config[field]!r} is not supported "
                                       f"(only {neutral!r})")
     init = config.get("init_lora_weights", True)
-    if not (init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _INIT_KEEPS_BASE)):
+    if not _init_keeps_base(init):
         raise NotImplementedError(
             f"{CONFIG_NAME}: init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ "
             f"change the base weight, and these lora_A / lora_B fit only the changed base. Convert the adapter into "
@@ -329,7 +333,8 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
 
     Raises (before changing anything) TypeError if ``peft_model`` is not a PeftModel;
     NotImplementedError for merged layers, several active adapters, LoRA variants (DoRA,
-    lora_bias, ...), modules_to_save / trainable-token wrappers or non-Linear LoRA layers.
+    lora_bias, ...), modules_to_save / trainable-token wrappers, non-Linear LoRA layers, or an
+    adapter initialised by rewriting the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ).
     """
     from peft import PeftModel
     from peft.tuners.lora import Linear as LoraLinear
@@ -343,6 +348,14 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         if type(m).__module__.startswith("peft.") and n not in lora and not n.startswith(inner):
             raise NotImplementedError(f"{n!r} is a peft {type(m).__name__}; only LoRA on nn.Linear / Conv1D "
                                       f"converts (no modules_to_save, trainable tokens or other tuners)")
+    for a, cfg in getattr(peft_model, "peft_config", {}).items():
+        init = getattr(cfg, "init_lora_weights", True)
+        if not _init_keeps_base(init):
+            raise NotImplementedError(f"adapter {a!r} was initialised with init_lora_weights={init!r}, which "
+                                      f"rewrote the base weight; save_peft could not record that, so the saved "
+                                      f"adapter would be silently wrong on the original base. Keep training it "
+                                      f"with PEFT, or convert it first (PEFT's save_pretrained with "
+                                      f"path_initial_model_for_weight_conversion) and load that with load_peft")
     layers = {}
     for n, m in lora.items():
         if not isinstance(m.base_layer, (nn.Linear, Conv1D)):
