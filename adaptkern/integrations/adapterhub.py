@@ -362,6 +362,10 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
             raise ValueError(f"{target!r} has out_features {module.out_features}, the adapter needs {hidden}")
         if isinstance(module, AdapterLinear) and name in module.adapters:
             raise ValueError(f"an adapter named {name!r} already exists on {target!r}")
+    for key, (target, _, _) in expected.items():
+        dtype = model.get_submodule(target).weight.dtype  # the adapter is stored in its layer's dtype
+        if not torch.isfinite(state[key].to(dtype)).all():
+            raise ValueError(f"{weights_file}: {key!r} overflows to Inf in the model's dtype {dtype}")
 
     # Everything checked: now change the model.
     patch(model, "|".join(re.escape(t) for t in targets))

@@ -37,6 +37,7 @@ from .kernels import _adapter_linear_dropout_mask_kernel, _adapter_linear_onepas
 
 ROUTES = ("auto", "onepass", "split")
 
+
 def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, seed, need_z, route):
     bias, a_b, b_b = vectors(bias, a_b, b_b)
     m, k = x.shape
@@ -50,6 +51,8 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
     dot_dtype = dot_flags(x.dtype)
     if route == "auto":
         route = config.choose_route(m, r, dropout, n=n, device=x.device)
+    if n == 0:  # no output tile, so no one-pass program would write z: the split shrink does
+        route = "split"
     if route == "onepass":
         cfg = config.onepass_config(m, n, r, elem_size(dot_dtype), device=x.device)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)

@@ -1,0 +1,234 @@
+"""Fake and real agree, for every custom op under ``torch.ops.adaptkern``, on both CPU paths.
+
+torch.compile traces an op through its registered fake implementation and then runs the real one; when the
+two disagree on an output's shape, dtype, device or strides, compiled code breaks or, worse, reads the wrong
+memory (issue 8 #12: the mixed op returned z as [0] on the reference path while its fake said [M, R]).
+
+For each op found in adaptkern/ops/*.py (the list is enumerated from the dispatcher, and a test fails when an
+op has no cases here), on the kernel path (Triton interpreter on CPU, the GPU when there is one) and on the
+reference path, with need_z / needs on and off and inputs that do or do not require grad, in fp32, bf16 and
+fp64, with M > 0 and M = 0: the op runs for real and under FakeTensorMode (inputs converted with
+``from_tensor``); every output must agree in shape, dtype, device and strides (on dims longer than 1). Then
+``torch.library.opcheck`` runs the op's schema, autograd-registration, fake-tensor and AOT-dispatch checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+from unittest import mock
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+import adaptkern.ops
+from adaptkern.ops import config
+
+for _info in pkgutil.iter_modules(adaptkern.ops.__path__):  # every module that may register an op
+    importlib.import_module(f"adaptkern.ops.{_info.name}")
+
+NAMESPACE = "adaptkern"
+REGISTERED = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith(f"{NAMESPACE}::"))
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PATHS = ["kernels", "reference"]
+
+
+@contextlib.contextmanager
+def on_path(path):
+    if path == "reference":
+        with mock.patch.object(config, "interpreting", lambda: False):
+            yield "cpu"
+    else:
+        yield KERNEL_DEVICE
+
+
+def op(name):
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+
+M, K, N, R, S = 5, 6, 7, 3, 3
+
+
+def _rnd(gen, *shape, dtype, device, grad=False, std=0.5):
+    return (torch.randn(*shape, generator=gen) * std).to(dtype=dtype, device=device).requires_grad_(grad)
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adapter_linear_args(dev, dtype, m, need_z, grad, route="split", dropout=0.0):
+    g = torch.Generator().manual_seed(0)
+    x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
+    w, b = _rnd(g, N, K, dtype=dtype, device=dev), _rnd(g, N, dtype=dtype, device=dev)
+    a_w, a_b = _rnd(g, R, K, dtype=dtype, device=dev, grad=grad), _rnd(g, R, dtype=dtype, device=dev, grad=grad)
+    b_w, b_b = _rnd(g, N, R, dtype=dtype, device=dev, grad=grad), _rnd(g, N, dtype=dtype, device=dev, grad=grad)
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev) if dropout else None
+    return [x, w, b, a_w, a_b, b_w, b_b, 0.5, "gelu", dropout, seed, need_z, route]
+
+
+def adapter_linear_backward_args(dev, dtype, m, needs, grad):
+    fwd = adapter_linear_args(dev, dtype, m, True, False)
+    _, z = op("adapter_linear")(*fwd)
+    g = torch.Generator().manual_seed(1)
+    dy = _rnd(g, m, N, dtype=dtype, device=dev, grad=grad)
+    x, w, _, a_w, _, b_w = fwd[:6]
+    return [dy, x.requires_grad_(grad), w, a_w, b_w, z, 0.5, "gelu", 0.0, None, list(needs)]
+
+
+def mixed_args(dev, dtype, m, need_z, grad, lora_only=False):
+    g = torch.Generator().manual_seed(2)
+    x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
+    w, b = _rnd(g, N, K, dtype=dtype, device=dev), _rnd(g, N, dtype=dtype, device=dev)
+    a_all = _rnd(g, S, R, K, dtype=dtype, device=dev, grad=grad)
+    b_all = _rnd(g, S, N, R, dtype=dtype, device=dev, grad=grad)
+    a_bias = None if lora_only else _rnd(g, S, R, dtype=dtype, device=dev, grad=grad)
+    b_bias = None if lora_only else _rnd(g, S, N, dtype=dtype, device=dev, grad=grad)
+    scales = torch.tensor([0.5, -1.0, 2.0], dtype=acc(dtype), device=dev)
+    ranks = torch.tensor([3, 1, 2], dtype=torch.int32, device=dev)
+    acts = None if lora_only else torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
+    ids = torch.tensor([i % (S + 1) - 1 for i in range(m)], dtype=torch.int32, device=dev)
+    return [x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z]
+
+
+def mixed_backward_args(dev, dtype, m, needs, grad, lora_only=False):
+    fwd = mixed_args(dev, dtype, m, True, False, lora_only)
+    _, z = op("mixed_adapter_linear")(*fwd)
+    g = torch.Generator().manual_seed(3)
+    dy = _rnd(g, m, N, dtype=dtype, device=dev, grad=grad)
+    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, _ = fwd
+    needs = [need and t is not None for need, t in zip(needs, (x, w, b, a_all, a_bias, b_all, b_bias))]
+    return [dy, x.requires_grad_(grad), w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, z, needs]
+
+
+def align_args(dev, dtype, m, need_z, grad):
+    from adaptkern.ops.mixed_adapter_linear.rows import alignment_buffers
+
+    ids = torch.tensor([i % (S + 1) - 1 for i in range(m)], dtype=torch.int32 if need_z else torch.int64, device=dev)
+    return [ids, S, 4, *alignment_buffers(m, S, 4, dev)]
+
+
+ALL = (True,) * 7
+X_ONLY = (True,) + (False,) * 6
+ADAPTER_ONLY = (False, False, False, True, True, True, True)
+NONE = (False,) * 7
+
+# op -> {variant id: build(device, dtype, m, grad) -> args}
+VARIANTS = {
+    "adapter_linear": {
+        "split-z": lambda d, t, m, g: adapter_linear_args(d, t, m, True, g),
+        "split-noz": lambda d, t, m, g: adapter_linear_args(d, t, m, False, g),
+        "onepass-z": lambda d, t, m, g: adapter_linear_args(d, t, m, True, g, route="onepass"),
+        "onepass-noz": lambda d, t, m, g: adapter_linear_args(d, t, m, False, g, route="onepass"),
+        "dropout-z": lambda d, t, m, g: adapter_linear_args(d, t, m, True, g, dropout=0.25),
+    },
+    "adapter_linear_backward": {
+        "needs-all": lambda d, t, m, g: adapter_linear_backward_args(d, t, m, ALL, g),
+        "needs-x": lambda d, t, m, g: adapter_linear_backward_args(d, t, m, X_ONLY, g),
+        "needs-adapter": lambda d, t, m, g: adapter_linear_backward_args(d, t, m, ADAPTER_ONLY, g),
+        "needs-none": lambda d, t, m, g: adapter_linear_backward_args(d, t, m, NONE, g),
+    },
+    "mixed_adapter_linear": {
+        "full-z": lambda d, t, m, g: mixed_args(d, t, m, True, g),
+        "full-noz": lambda d, t, m, g: mixed_args(d, t, m, False, g),
+        "lora-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True),
+        "lora-noz": lambda d, t, m, g: mixed_args(d, t, m, False, g, lora_only=True),
+    },
+    "mixed_adapter_linear_backward": {
+        "needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g),
+        "needs-x": lambda d, t, m, g: mixed_backward_args(d, t, m, X_ONLY, g),
+        "needs-adapter": lambda d, t, m, g: mixed_backward_args(d, t, m, ADAPTER_ONLY, g),
+        "lora-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True),
+        "needs-none": lambda d, t, m, g: mixed_backward_args(d, t, m, NONE, g),
+    },
+    "align_rows_": {
+        "int32": lambda d, t, m, g: align_args(d, t, m, True, g),
+        "int64": lambda d, t, m, g: align_args(d, t, m, False, g),
+    },
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def test_every_registered_op_has_cases():
+    assert REGISTERED, "no op registered under torch.ops.adaptkern"
+    assert set(REGISTERED) == set(VARIANTS), (f"ops without fake-vs-real cases: {set(REGISTERED) - set(VARIANTS)}; "
+                                              f"cases for unregistered ops: {set(VARIANTS) - set(REGISTERED)}")
+
+
+def _cases(dtypes, rows, grads):
+    for name in sorted(VARIANTS):
+        for variant in VARIANTS[name]:
+            for path in PATHS:
+                for dt in dtypes:
+                    for m in rows:
+                        for grad in grads:
+                            yield pytest.param(name, variant, path, dt, m, grad,
+                                               id=f"{name}-{variant}-{path}-{dt}-M{m}-{'grad' if grad else 'nograd'}")
+
+
+def _describe(t):
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}, strides {t.stride()}"
+
+
+def _strides(t):
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def assert_fake_matches_real(label, real, fake):
+    real_flat, real_spec = tree_flatten(real)
+    fake_flat, fake_spec = tree_flatten(fake)
+    assert real_spec == fake_spec, f"{label}: real returns {real_spec}, fake {fake_spec}"
+    for i, (r, f) in enumerate(zip(real_flat, fake_flat)):
+        if not isinstance(r, torch.Tensor):
+            assert r == f, f"{label}: output {i}: real {r!r}, fake {f!r}"
+            continue
+        where = f"{label}: output {i}: real {_describe(r)} vs fake {_describe(f)}"
+        assert tuple(r.shape) == tuple(f.shape), where
+        assert r.dtype == f.dtype, where
+        assert r.device == f.device, where
+        assert _strides(r) == _strides(f), where
+        assert r.is_contiguous() == f.is_contiguous(), where
+
+
+def _fake_run(fn, args):
+    with FakeTensorMode() as mode:
+        fargs = tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, args)
+        return fn(*fargs), fargs
+
+
+@pytest.mark.parametrize("name, variant, path, dt, m, grad", list(_cases(DTYPES, (M, 0), (False, True))))
+def test_fake_matches_real(name, variant, path, dt, m, grad):
+    fn = op(name)
+    with on_path(path) as dev:
+        args = VARIANTS[name][variant](dev, DTYPES[dt], m, grad)
+        fake_args = tree_map(lambda a: a.clone().detach().requires_grad_(a.requires_grad)
+                             if isinstance(a, torch.Tensor) else a, args)
+        real = fn(*args)
+        fake, fargs = _fake_run(fn, fake_args)
+    label = f"adaptkern::{name} [{variant}, {path}, {dt}, M={m}]"
+    assert_fake_matches_real(label, real, fake)
+    if name.endswith("_"):  # a mutating op: the mutated buffers keep their metadata both ways
+        assert_fake_matches_real(label + " (mutated args)", [a for a in args if isinstance(a, torch.Tensor)],
+                                 [a for a in fargs if isinstance(a, torch.Tensor)])
+
+
+def _differentiable(param):
+    """opcheck differentiates whatever requires grad: only where the op is meant to be differentiated. With
+    need_z=False the forward ops refuse backward by design (callers pass need_z=True whenever a gradient is
+    wanted), and the backward ops have no double backward."""
+    name, variant, _, _, _, grad = param.values
+    return not grad or (name in ("adapter_linear", "mixed_adapter_linear") and not variant.endswith("-noz"))
+
+
+@pytest.mark.parametrize("name, variant, path, dt, m, grad",
+                         [p for p in _cases(("fp32",), (M,), (False, True)) if _differentiable(p)])
+def test_opcheck(name, variant, path, dt, m, grad):
+    with on_path(path) as dev:
+        args = VARIANTS[name][variant](dev, DTYPES[dt], m, grad)
+        torch.library.opcheck(op(name), args)
