@@ -22,6 +22,7 @@ PLACEMENTS = ("sequential", "parallel")
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+
 def canonical_activation(name: str) -> str:
     """Return the canonical activation name, resolving aliases ("swish" -> "silu")."""
     if not isinstance(name, str):
@@ -30,6 +31,7 @@ def canonical_activation(name: str) -> str:
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS} (or 'swish')")
     return key
+
 
 def activation(z: torch.Tensor, name: str) -> torch.Tensor:
     """Semantics: f(z) for f in ACTIVATIONS ("gelu" is the erf form). Shape: any."""
@@ -44,6 +46,7 @@ def activation(z: torch.Tensor, name: str) -> torch.Tensor:
     if name == "silu":
         return F.silu(z)
     raise ValueError(f"unknown activation {name!r}")
+
 
 def activation_grad(z: torch.Tensor, name: str) -> torch.Tensor:
     """Semantics: f'(z), elementwise (relu'(0) = 0, as autograd). Shape: any."""
@@ -63,6 +66,7 @@ def activation_grad(z: torch.Tensor, name: str) -> torch.Tensor:
         sig = torch.sigmoid(z)
         return sig * (1.0 + z * (1.0 - sig))
     raise ValueError(f"unknown activation {name!r}")
+
 
 def fold_sequential(weight, bias, down_weight, down_bias):
     """Semantics: A = D·W, a = D·b + d, so that h·Dᵀ + d = x·Aᵀ + a for h = x·Wᵀ + b.
@@ -88,13 +92,16 @@ ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+
 def use_triton(x: Tensor) -> bool:
     """Whether ``x`` runs the Triton kernels (CUDA, or any device under the interpreter)."""
     return x.is_cuda or config.interpreting()
 
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator and rank-R intermediate dtype: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def dot_flags(dtype: torch.dtype) -> dict:
     """Kernel dtype flags: bf16 is upcast under the interpreter (triton#11584)."""
@@ -105,12 +112,15 @@ def dot_flags(dtype: torch.dtype) -> dict:
         return dict(DOT_DTYPE=tl.float32, ACC=tl.float32, PRECISION="tf32" if tf32 else "ieee")
     return dict(DOT_DTYPE=TL_DTYPES[dtype], ACC=tl.float32, PRECISION="tf32")
 
+
 def strides_of(t: Optional[Tensor], ndim: int = 2):
     return tuple(t.stride()) if t is not None else (0,) * ndim
+
 
 def elem_size(dot_dtype: dict) -> int:
     """Bytes per dot operand, for the shared-memory fit of ``config``."""
     return dot_dtype["DOT_DTYPE"].primitive_bitwidth // 8
+
 
 def vectors(*ts):
     """1-D operands made contiguous: the kernels index them with unit stride."""

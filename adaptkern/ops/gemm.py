@@ -20,6 +20,7 @@ DROP_NONE, DROP_P1, DROP_Q1, DROP_ACC2 = 0, 1, 2, 3
 # Epilogues of _dual_gemm_kernel.
 EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 
+
 @triton.jit
 def _dual_gemm_kernel(
     c_ptr,  # [M, N] out
@@ -110,6 +111,7 @@ def _dual_gemm_kernel(
         tl.atomic_add(c_ptrs, acc, mask=mask)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
 
 def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
          epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,

@@ -21,6 +21,7 @@ else:  # older Triton: no compile-time test, always the masked (always vectorisa
     def unit(stride):
         return False
 
+
 @triton.jit
 def load_rows(idx, n, STRIDED: tl.constexpr):
     """Row (or column) indices to load and the mask for them. Along a strided dimension,
@@ -31,9 +32,11 @@ def load_rows(idx, n, STRIDED: tl.constexpr):
         return tl.minimum(idx, n - 1), tl.full(idx.shape, True, tl.int1)
     return idx, idx < n
 
+
 @triton.jit
 def sigmoid(v):
     return 1.0 / (1.0 + tl.exp(-v))
+
 
 @triton.jit
 def act(z, ACT: tl.constexpr):
@@ -48,6 +51,7 @@ def act(z, ACT: tl.constexpr):
     elif ACT == 4:
         z = z * sigmoid(z)
     return z
+
 
 @triton.jit
 def act_grad(z, ACT: tl.constexpr):
@@ -69,10 +73,12 @@ def act_grad(z, ACT: tl.constexpr):
         g = sg * (1.0 + z * (1.0 - sg))
     return g
 
+
 @triton.jit
 def keep_threshold(p):
     """Dropout keeps x[r, c] when its 32-bit draw is >= p·2³² (integer compare)."""
     return tl.to_tensor(p * 4294967296.0).to(tl.uint32)
+
 
 @triton.jit
 def keep_scale(seed, rows, c0, ld, p, BC: tl.constexpr):
@@ -88,6 +94,7 @@ def keep_scale(seed, rows, c0, ld, p, BC: tl.constexpr):
     r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (g.shape[0], BC))
     return tl.where(r >= keep_threshold(p), 1.0 / (1.0 - p), 0.0)
 
+
 @triton.jit
 def keep_elem(seed, rows, cols, ld, p):
     """``keep_scale`` element by element: True where x[rows, cols] is kept."""
@@ -95,6 +102,7 @@ def keep_elem(seed, rows, cols, ld, p):
     lane = cols % 4
     r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return r >= keep_threshold(p)
+
 
 @triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):

@@ -116,6 +116,7 @@ def _adapter_linear_onepass_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+
 @triton.jit
 def _adapter_linear_dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, BLOCK: tl.constexpr):
     """keep[m, k] as the kernels draw it (for tests and for users who want the mask)."""

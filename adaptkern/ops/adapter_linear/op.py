@@ -80,6 +80,7 @@ def _forward_triton(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, dropout_p, 
     gemm(y, x, weight.t(), p2=s, q2=b_w.t(), bias1=bias, bias2=b_b, alpha2=scale, dot_dtype=dot_dtype)
     return y, z
 
+
 def _backward_triton(dy, x, weight, a_w, b_w, z, scale, act, dropout_p, seed, needs):
     m, k = x.shape
     n, r = weight.shape[0], a_w.shape[0]
@@ -112,10 +113,12 @@ def _backward_triton(dy, x, weight, a_w, b_w, z, scale, act, dropout_p, seed, ne
         dbw, scale * dy32_sum if need_bb else None,
     )
 
+
 def _keep_mask(seed: Optional[Tensor], m: int, k: int, p: float, device) -> Optional[Tensor]:
     if p == 0.0:
         return None
     return reference.dropout_keep_mask(int(seed.item()), (m, k), p, device)
+
 
 @torch.library.custom_op("adaptkern::adapter_linear", mutates_args=())
 def adapter_linear_op(
@@ -135,11 +138,13 @@ def adapter_linear_op(
     return reference.adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, keep, dropout_p,
                                             need_z)
 
+
 @adapter_linear_op.register_fake
 def _(x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, dropout_p, seed, need_z, route):
     m, r = x.shape[0], a_w.shape[0]
     z_shape = (m, r) if need_z else (0,)
     return x.new_empty((m, weight.shape[0])), x.new_empty(z_shape, dtype=acc_dtype(x.dtype))
+
 
 @torch.library.custom_op("adaptkern::adapter_linear_backward", mutates_args=())
 def adapter_linear_backward_op(
@@ -158,6 +163,7 @@ def adapter_linear_backward_op(
         grads = reference.adapter_linear_backward(dy, x, weight, a_w, b_w, z, scale, activation, keep, dropout_p, needs)
     return [g.to(x.dtype) if g is not None else x.new_empty(0) for g in grads]
 
+
 @adapter_linear_backward_op.register_fake
 def _(dy, x, weight, a_w, b_w, z, scale, activation, dropout_p, seed, needs):
     m, k = x.shape
@@ -165,12 +171,14 @@ def _(dy, x, weight, a_w, b_w, z, scale, activation, dropout_p, seed, needs):
     shapes = [(m, k), (n, k), (n,), (r, k), (r,), (n, r), (n,)]
     return [x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
 
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, a_w, a_b, b_w, b_b, scale, activation, dropout_p, seed, need_z, route = inputs
     _, z = output
     ctx.save_for_backward(x, weight, a_w, b_w, z, seed)
     ctx.args = (scale, activation, dropout_p)
     ctx.present = (True, True, bias is not None, True, a_b is not None, True, b_b is not None)
+
 
 def _backward(ctx, dy, _dz):
     x, weight, a_w, b_w, z, seed = ctx.saved_tensors
@@ -186,6 +194,7 @@ def _backward(ctx, dy, _dz):
     return (*out, None, None, None, None, None, None)
 
 adapter_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
 
 def dropout_mask(seed: Tensor, m: int, k: int, p: float) -> Tensor:
     """Semantics: the keep-mask [m, k] (bool) the adapter kernels draw for ``seed`` and p.

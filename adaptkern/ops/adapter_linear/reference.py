@@ -35,6 +35,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> to
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return (torch.rand(shape, generator=gen) >= p).to(device)
 
+
 def adapter_linear_ref(x, weight, bias, a_w, a_b, b_w, b_b, scale=1.0, act="identity", keep=None, dropout_p=0.0):
     """Semantics: y = x·Wᵀ + b + s·(f(x̃·Aᵀ + a)·Bᵀ + c), x̃ = x ⊙ keep / (1 - p).
 
@@ -54,11 +55,13 @@ def adapter_linear_ref(x, weight, bias, a_w, a_b, b_w, b_b, scale=1.0, act="iden
         y = y + bias
     return y + scale * branch
 
+
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale=1.0, keep=None, dropout_p=0.0):
     """Semantics: y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, computed as PEFT's eager layer does."""
     x_ad = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
     y = F.linear(x, weight, bias)
     return y + scale * F.linear(F.linear(x_ad, lora_a), lora_b)
+
 
 def bottleneck_linear_ref(x, weight, bias, down_w, down_b, up_w, up_b, scale=1.0, act="relu", placement="sequential"):
     """Semantics, as AdapterHub computes it (no folding):
@@ -68,6 +71,7 @@ def bottleneck_linear_ref(x, weight, bias, down_w, down_b, up_w, up_b, scale=1.0
     h = F.linear(x, weight, bias)
     src = h if placement == "sequential" else x
     return h + scale * F.linear(activation(F.linear(src, down_w, down_b), act), up_w, up_b)
+
 
 def adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, keep, dropout_p, need_z):
     """The CPU path of ``adaptkern::adapter_linear``: (y [M, N] in x's dtype, z [M, R] fp32 or empty)."""
@@ -85,6 +89,7 @@ def adapter_linear_forward(x, weight, bias, a_w, a_b, b_w, b_b, scale, act, keep
         y = y + scale * bb32
     z_out = z if need_z else z.new_empty(0)
     return y.to(x.dtype), z_out
+
 
 def adapter_linear_backward(dy, x, weight, a_w, b_w, z, scale, act, keep, dropout_p, needs):
     """Explicit gradients of :func:`adapter_linear_ref` (the chain rule the kernels implement).

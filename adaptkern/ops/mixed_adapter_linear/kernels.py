@@ -31,10 +31,12 @@ from ..triton_common import act, load_rows, tile_ids, unit
 
 NO_SLOT: tl.constexpr = tl.constexpr(1 << 30)  # "no further slot" sentinel of _next_slot
 
+
 @triton.jit
 def _next_slot(slots, after):
     """Smallest slot in ``slots`` greater than ``after`` (NO_SLOT if none)."""
     return tl.min(tl.where(slots > after, slots, NO_SLOT), axis=0)
+
 
 @triton.jit
 def _act_by_code(z, code):
@@ -45,6 +47,7 @@ def _act_by_code(z, code):
     out = tl.where(code == 3, act(z, 3), out)
     out = tl.where(code == 4, act(z, 4), out)
     return out
+
 
 @triton.jit
 def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
@@ -63,6 +66,7 @@ def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: t
     slots = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
     slots = tl.where((slots >= 0) & (slots < S), slots, -1)
     return rows.to(tl.int64), ok, slots
+
 
 @triton.jit
 def _mixed_adapter_linear_shrink_kernel(
@@ -105,6 +109,7 @@ def _mixed_adapter_linear_shrink_kernel(
         out = tl.where((slots == s)[:, None], acc, out)
         s = _next_slot(slots, s)
     tl.store(p_ptr + split * M * R + rows[:, None] * R + rr[None, :], out, mask=ok[:, None] & (rr < R)[None, :])
+
 
 @triton.jit
 def _mixed_adapter_linear_kernel(
@@ -199,6 +204,7 @@ def _mixed_adapter_linear_kernel(
 
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=ok[:, None] & n_ok[None, :])
+
 
 @triton.jit
 def _mixed_adapter_linear_segment_kernel(

@@ -25,7 +25,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .. import config
+from .. import common, config
 from ..common import acc_dtype, dot_flags, elem_size, use_triton, vectors
 from ..gemm import gemm
 from . import reference
@@ -62,12 +62,14 @@ def _sorted_rows(ids: Tensor, num_slots: int) -> Tensor:
     align = align_rows_reference if torch.are_deterministic_algorithms_enabled() else align_rows
     return align(ids, num_slots, 1).sorted_rows
 
+
 def _slot_offsets(ids: Tensor, num_slots: int) -> Tensor:
     """[S + 1] int32: slot s owns positions [offsets[s], offsets[s+1]) of the sorted rows."""
     counts = torch.zeros(num_slots + 1, dtype=torch.int32, device=ids.device)
     bins = torch.where((ids < 0) | (ids >= num_slots), num_slots, ids).long()  # out of range: base only
     counts.scatter_add_(0, bins, torch.ones_like(ids, dtype=torch.int32))
     return torch.cat([counts.new_zeros(1), counts[:num_slots].cumsum(0, dtype=torch.int32)])
+
 
 def _shrink(x, a_view, ids, ranks, perm, plan, r):
     """Partials [SPLIT, M, R] of x_i·A_sᵀ; a_view [S, R, K] with any strides."""
@@ -87,6 +89,7 @@ def _shrink(x, a_view, ids, ranks, perm, plan, r):
         num_warps=plan.shrink_warps or plan.num_warps, num_stages=plan.shrink_stages or plan.num_stages,
     )
     return parts
+
 
 def _linear(y, x, weight, bias, parts, a_bias, b_view, b_bias, scales, ranks, acts, ids, perm, plan, z=None):
     """y = x·Wᵀ + b + per-slot epilogue on the summed partials; b_view [S, N, R] any strides."""
@@ -112,6 +115,7 @@ def _linear(y, x, weight, bias, parts, a_bias, b_view, b_bias, scales, ranks, ac
     )
     return y
 
+
 def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
     """out[s] = scales[s]·Σ_{rows of s} p[row]ᵀ ⊗ q[row]: [S, P_COLS, Q_COLS], dots in ``dtype``.
 
@@ -133,6 +137,7 @@ def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
     )
     return out
 
+
 def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z):
     bias, scales, ranks, acts, ids = vectors(bias, scales, ranks, acts, ids)
     m, k = x.shape
@@ -148,16 +153,18 @@ def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks
             z if need_z else None)
     return y, z
 
+
 def _per_row_activation(z, acts, slot, grad: bool):
     """f_s(z_i) (or f_s'(z_i)) with each row's slot's activation; identity when acts is None."""
-    fn = reference.activation_grad if grad else reference.activation
+    fn = common.activation_grad if grad else common.activation
     if acts is None:
         return fn(z, "identity")
     codes = acts.long()[slot]
     out = torch.zeros_like(z)
-    for code, name in enumerate(reference.ACTIVATIONS):  # a fixed, small loop: no host sync
+    for code, name in enumerate(common.ACTIVATIONS):  # a fixed, small loop: no host sync
         out = torch.where((codes == code)[:, None], fn(z, name), out)
     return out
+
 
 def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, z, needs):
     scales, ranks, acts, ids = vectors(scales, ranks, acts, ids)
@@ -196,6 +203,7 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
         dbb.index_add_(0, slot, torch.where(used, dy.to(acc), 0.0)).mul_(used_scales[:, None])
     return dx, dw, dy.sum(0, dtype=acc) if need_b else None, daw, dab, dbw, dbb
 
+
 @torch.library.custom_op("adaptkern::mixed_adapter_linear", mutates_args=())
 def mixed_adapter_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], a_all: Tensor, a_bias: Optional[Tensor], b_all: Tensor,
@@ -214,10 +222,12 @@ def mixed_adapter_linear_op(
     return reference.mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts,
                                                   ids, need_z)
 
+
 @mixed_adapter_linear_op.register_fake
 def _(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z):
     m, r = x.shape[0], a_all.shape[1]
     return x.new_empty((m, weight.shape[0])), x.new_empty((m, r) if need_z else (0,), dtype=acc_dtype(x.dtype))
+
 
 @torch.library.custom_op("adaptkern::mixed_adapter_linear_backward", mutates_args=())
 def mixed_adapter_linear_backward_op(
@@ -235,14 +245,17 @@ def mixed_adapter_linear_backward_op(
     refs = (x, weight, bias, a_all, a_bias, b_all, b_bias)
     return [g.to(t.dtype) if g is not None else x.new_empty(0) for g, t in zip(grads, refs)]
 
+
 @mixed_adapter_linear_backward_op.register_fake
 def _(dy, x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, z, needs):
     refs = (x, weight, bias, a_all, a_bias, b_all, b_bias)
     return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(refs, needs)]
 
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z = inputs
     ctx.save_for_backward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, output[1])
+
 
 def _backward(ctx, dy, _dz):
     x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, z = ctx.saved_tensors

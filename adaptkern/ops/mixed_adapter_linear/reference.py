@@ -20,10 +20,12 @@ def _slot_rows(ids, num_slots, ranks, r_max):
     present = sorted(s for s in set(ids.tolist()) if 0 <= s < num_slots)
     return [(s, (ids == s).nonzero().squeeze(1), r_max if ranks is None else int(ranks[s])) for s in present]
 
+
 def _slot_z(x_rows, a_all, a_bias, s, r):
     """z = x·A_s[:r]ᵀ + a_s[:r] for the rows of slot s: [n, r]."""
     z = x_rows @ a_all[s, :r].t()
     return z if a_bias is None else z + a_bias[s, :r]
+
 
 def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids):
     """Semantics: row i with s = ids[i] in [0, S) gets
@@ -49,6 +51,7 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
         y = y.index_add(0, rows, delta)
     return y
 
+
 def mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z):
     """The CPU path of ``adaptkern::mixed_adapter_linear``: (y [M, N] in x's dtype, z).
 
@@ -66,6 +69,7 @@ def mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, 
     for s, rows, r in _slot_rows(ids, a_all.shape[0], ranks, a_all.shape[1]):
         z[rows, :r] = _slot_z(x32[rows], a32, ab32, s, r)
     return y, z
+
 
 def mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, needs):
     """Explicit gradients of :func:`mixed_adapter_linear_ref` (the CPU path's backward), per slot:
