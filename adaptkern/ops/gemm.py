@@ -71,7 +71,7 @@ def _dual_gemm_kernel(
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             q = tl.load(q2_ptr + kk[:, None] * stride_q2k + rn[None, :] * stride_q2n,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         acc = acc * (alpha2 / alpha1)
         if DROP == 3:  # the second product is a gradient of x [M, N]: masked before the K loop
             acc = acc * keep_scale(seed, rm, pid_n * BLOCK_N, drop_ld, dropout_p, BLOCK_N)
@@ -88,7 +88,7 @@ def _dual_gemm_kernel(
             p = p.to(ACC) * keep_scale(seed, rm, k0, drop_ld, dropout_p, BLOCK_K)
         if DROP == 2:  # Q1 is x [K1, N]
             q = q.to(ACC) * keep_scale(seed, kk, pid_n * BLOCK_N, drop_ld, dropout_p, BLOCK_N)
-        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * alpha1
 
     if pid_k == 0:

@@ -77,7 +77,7 @@ def act_grad(z, ACT: tl.constexpr):
 @triton.jit
 def keep_threshold(p):
     """Dropout keeps x[r, c] when its 32-bit draw is >= p·2³² (integer compare)."""
-    return tl.to_tensor(p * 4294967296.0).to(tl.uint32)
+    return tl.cast(p * 4294967296.0, tl.uint32)
 
 
 @triton.jit

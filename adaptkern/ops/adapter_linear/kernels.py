@@ -85,10 +85,10 @@ def _adapter_linear_onepass_kernel(
         wt = tl.load(w_ptrs, mask=wn_ok[None, :] & k_ok[:, None], other=0.0)
         at = tl.load(a_ptrs, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         x = x.to(DOT_DTYPE)
-        acc = tl.dot(x, wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(x, wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         if DROPOUT:
             x = (x.to(ACC) * keep_scale(seed, rm, k0, K, dropout_p, BLOCK_K)).to(DOT_DTYPE)
-        acc_z = tl.dot(x, at.to(DOT_DTYPE), acc_z, input_precision=PRECISION)
+        acc_z = tl.dot(x, at.to(DOT_DTYPE), acc_z, input_precision=PRECISION, out_dtype=ACC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
@@ -108,7 +108,8 @@ def _adapter_linear_onepass_kernel(
     else:
         # Into the one accumulator: a second BLOCK_M×BLOCK_N fp32 tile would cost ~40
         # registers a thread and halve occupancy. bf16 has fp32's range: no overflow.
-        acc = tl.dot((scale * act(acc_z, ACT)).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot((scale * act(acc_z, ACT)).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION,
+                     out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     if HAS_BB:

@@ -105,7 +105,7 @@ def _mixed_adapter_linear_shrink_kernel(
                         mask=ok[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptr + s.to(tl.int64) * stride_as + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            acc = tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         out = tl.where((slots == s)[:, None], acc, out)
         s = _next_slot(slots, s)
     tl.store(p_ptr + split * M * R + rows[:, None] * R + rr[None, :], out, mask=ok[:, None] & (rr < R)[None, :])
@@ -153,7 +153,7 @@ def _mixed_adapter_linear_kernel(
         k_ok = rk < K - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=wn_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -196,7 +196,7 @@ def _mixed_adapter_linear_kernel(
                 # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
                 # slots get exact zeros, so a non-finite scale stays in its own rows.
                 zs = tl.where(sel[:, None], scale * z, 0.0)
-                acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+                acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BB:
             bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
             acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)
@@ -238,7 +238,7 @@ def _mixed_adapter_linear_segment_kernel(
                      mask=i_ok[:, None] & t_ok[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + rj[None, :] * stride_qc,
                     mask=t_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_SCALES:
         acc = acc * tl.load(scales_ptr + s)
     out_ptrs = out_ptr + s.to(tl.int64) * P_COLS * Q_COLS + ri[:, None] * Q_COLS + rj[None, :]
