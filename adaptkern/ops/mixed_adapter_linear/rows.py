@@ -252,8 +252,6 @@ def native_available(device: torch.device | str = "cpu") -> bool:
     mutates_args=("sorted_rows", "block_slots", "num_blocks"),
     device_types=("cpu", "cuda"),
 )
-
-
 def _align_rows_op(
     adapter_ids: Tensor,  # [M] int32/int64
     num_slots: int,
