@@ -87,7 +87,7 @@ def compare(name: str, ref: torch.Tensor, out: torch.Tensor, eager: Optional[tor
     eager_error = float(_abs_error(eager, ref).max()) if eager is not None else 0.0
     scale = max(1.0, float(ref.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()))
     bound = ratio * eager_error + (ATOL.get(out.dtype, 0.0) if atol is None else atol) * scale
-    actual, expected = float(out.reshape(-1)[flat]), float(ref.reshape(-1)[flat])
+    actual, expected = float(out.detach().reshape(-1)[flat]), float(ref.detach().reshape(-1)[flat])
     return Comparison(name, error <= bound, error, bound, eager_error, index, actual, expected)
 
 

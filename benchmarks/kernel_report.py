@@ -18,7 +18,7 @@ From the cubin (``ptxas -v`` with Triton's own flags, ``cuobjdump -res-usage``, 
 * for every launch with a tensor-core K loop, a plain Triton matmul (Triton's tutorial
   kernel) at the same tiles, warps and stages, compiled the same way, as the reference row.
 
-Ceilings (``--check``; tests/test_compile_for_gpu.py runs it in CI):
+Ceilings (``--check``; tests/ops/test_compiled_code.py runs it in CI):
 
 * every launch compiles and fits sm_90's 227 KiB of shared memory per block;
 * no 16-bit (bf16/fp16) launch spills, dropout included, and every one streams its K loop

@@ -2,7 +2,7 @@
 
 torch.compile traces an op through its registered fake implementation and then runs the real one; when the
 two disagree on an output's shape, dtype, device or strides, compiled code breaks or, worse, reads the wrong
-memory (issue 8 #12: the mixed op returned z as [0] on the reference path while its fake said [M, R]).
+memory (the mixed op returned z as [0] on the reference path while its fake said [M, R]).
 
 For each op found in adaptkern/ops/*.py (the list is enumerated from the dispatcher, and a test fails when an
 op has no cases here), on the kernel path (Triton interpreter on CPU, the GPU when there is one) and on the

@@ -1,9 +1,10 @@
-"""Regressions of issue 8 in the functional and mixed-batch APIs (items 2 and 14).
+"""The functional API (``adaptkern.functional``: adapter_linear, lora_linear, bottleneck_linear;
+``adaptkern.mixed``: mixed_lora_linear, mixed_adapter_linear) at its edges.
 
-Each test failed (or would fail) on the code before the fix: wrong pool gradients for
-sequential slots, ids as lists, K = 0, scales accepted that the kernels turn into inf or that
-raised the wrong exception, and a ``scales`` tensor whose requires_grad was silently ignored.
-Oracles are float64 formulas written out here, differentiated by autograd.
+Cases that once went wrong: pool gradients of W and b, sequential pool slots with a trainable
+base, ids as lists, K = 0, scales the kernels would turn into inf or that raised the wrong
+exception, a ``scales`` tensor whose requires_grad was silently ignored, and refused calls that
+changed something. Oracles are float64 formulas written out here, differentiated by autograd.
 """
 
 import pytest
@@ -14,8 +15,7 @@ import adaptkern
 from adaptkern import validation
 from adaptkern.ops import config
 from adaptkern.ops.adapter_linear import reference
-
-from .helpers import assert_close_to_ref
+from adaptkern.testing import assert_close
 
 F64 = torch.float64
 
@@ -24,7 +24,7 @@ def _rnd(gen, *shape, std=0.4):
     return torch.randn(*shape, generator=gen, dtype=F64) * std
 
 
-# --- item 2: pool gradients for W and b -------------------------------------------------------
+# --- pool gradients for W and b -------------------------------------------------------------
 
 
 def _pool_case(m, sequential):
@@ -76,9 +76,9 @@ def test_pool_lora_and_parallel_slots_give_true_weight_and_bias_gradients(m, pat
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     want = oracle(*ref_leaves)
     want_grads = torch.autograd.grad(want, ref_leaves, gy, allow_unused=True, materialize_grads=True)
-    assert_close_to_ref("y", y.detach(), want.detach())
+    assert_close("y", want.detach(), y.detach())
     for name, g, wg in zip(("dx", "dW", "db"), grads, want_grads):
-        assert_close_to_ref(name, g, wg)
+        assert_close(name, wg, g)
 
 
 def test_pool_sequential_slot_with_trainable_base_raises():
@@ -103,14 +103,14 @@ def test_pool_sequential_slot_with_frozen_base_or_no_grad_is_right(path, monkeyp
     (dx,) = torch.autograd.grad(y, [xl], gy)
     xr = x.clone().requires_grad_()
     want = oracle(xr, w, b)
-    assert_close_to_ref("y", y.detach(), want.detach())
-    assert_close_to_ref("dx", dx, torch.autograd.grad(want, [xr], gy)[0])
+    assert_close("y", want.detach(), y.detach())
+    assert_close("dx", torch.autograd.grad(want, [xr], gy)[0], dx)
     with torch.no_grad():
         y2 = adaptkern.mixed_adapter_linear(x, w.clone().requires_grad_(), b, pool, ids)
-    assert_close_to_ref("y (no_grad)", y2, want.detach())
+    assert_close("y (no_grad)", want.detach(), y2)
 
 
-# --- item 14: ids as lists, ids on another device ---------------------------------------------
+# --- ids as lists, ids on another device ----------------------------------------------------
 
 
 def _lora_stack(m, k=9, n=5, s=3, r=2, lead=None, dtype=F64):
@@ -138,7 +138,7 @@ def test_ids_as_python_lists_and_tuples():
     pool = adaptkern.AdapterPool(9, 5, num_slots=3, max_rank=2, dtype=F64)
     for s in range(3):
         pool.load_lora(s, a[s], bb[s], scale=float(scales[s]))
-    assert_close_to_ref("pool, list ids", adaptkern.mixed_adapter_linear(x, w, b, pool, ids), want)
+    assert_close("pool, list ids", want, adaptkern.mixed_adapter_linear(x, w, b, pool, ids))
     flat = validation.adapter_ids(ids, 5, 3, validate=True, lead=(5,), device=x.device)
     assert flat.dtype == torch.int64 and flat.device == x.device and flat.tolist() == ids
 
@@ -167,7 +167,7 @@ def test_bad_ids_raise_naming_adapter_ids(op, bad, exc, pattern):
         call()
 
 
-# --- item 14: K = 0 (and M = 0) ------------------------------------------------------------------
+# --- K = 0 (and M = 0) -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lead", [(4,), (2, 3), (0,)], ids=lambda s: "x" + "x".join(map(str, s)))
@@ -207,18 +207,18 @@ def test_k_zero_is_the_formula_with_gradients(kind, lead):
     assert y.shape == (*lead, n) and y.dtype == F64
     ref_leaves = [t.clone().requires_grad_() for t in inputs]
     want = formula(*ref_leaves).expand(*lead, n)
-    assert_close_to_ref("y", y.detach(), want.detach())
+    assert_close("y", want.detach(), y.detach())
     if kind == "lora":
         assert torch.equal(y, F.linear(x, w, b)), "LoRA on K = 0 is the base: F.linear's b"
     gy = torch.randn(*lead, n, generator=gen, dtype=F64)
     grads = torch.autograd.grad(y, leaves, gy, allow_unused=True, materialize_grads=True)
     want_g = torch.autograd.grad(want, ref_leaves, gy, allow_unused=True, materialize_grads=True)
     for i, (g, wg) in enumerate(zip(grads, want_g)):
-        assert_close_to_ref(f"grad of input {i}", g, wg)
+        assert_close(f"grad of input {i}", wg, g)
     # fp32 x: computed in fp32, returned in x's dtype.
     y32 = fn(*(t.float() for t in inputs))
     assert y32.dtype == torch.float32
-    assert_close_to_ref("y fp32", y32, want.detach())
+    assert_close("y fp32", want.detach(), y32)
 
 
 @pytest.mark.parametrize("m", [0, 5])
@@ -232,14 +232,14 @@ def test_k_zero_mixed_lora(m):
     gy = torch.randn(m, 5, generator=torch.Generator().manual_seed(5), dtype=F64)
     gx, gw, gb, ga, gbb = torch.autograd.grad(y, leaves, gy, allow_unused=True, materialize_grads=True)
     assert gx.shape == (m, 0) and gw.shape == (5, 0) and ga.shape == a.shape
-    assert_close_to_ref("db", gb, gy.sum(0))
+    assert_close("db", gy.sum(0), gb)
     assert not gbb.any()
     # Unchecked ids (validate_ids=False): out of range means base only, as in the kernels.
     y2 = adaptkern.mixed_lora_linear(x, w, b, a, bb, ids, scales=scales, validate_ids=False)
     assert torch.equal(y2, b.expand(m, 5))
 
 
-# --- item 14: scale, dropout, scales ----------------------------------------------------------
+# --- scale, dropout, scales -----------------------------------------------------------------
 
 
 _K, _N, _R = 7, 5, 3

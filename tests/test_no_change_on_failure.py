@@ -1,5 +1,5 @@
 """Nothing changes on failure: every mutating public call that refuses its arguments leaves all state bitwise as
-it was (issue 8: "all checks first, then the write").
+it was ("all checks first, then the write").
 
 For each call (AdapterPool.load_lora / load_bottleneck / evict; AdapterLinear.add_lora / add_bottleneck /
 delete_adapter / merge / unmerge / set_adapter; the model-level patch / add_lora / add_bottleneck /
@@ -227,7 +227,7 @@ def test_pool_load_bottleneck(case):
 
 
 FP16_CASES = {
-    # values finite as given, not after the cast to the pool's dtype (issue 8 #7)
+    # values finite as given, not after the cast to the pool's dtype
     "lora_a overflows fp16": lambda p: p.load_lora(0, _with(rnd(2, K), (0, 0), 1e5), rnd(N, 2), scale=1.0),
     "up_bias overflows fp16": lambda p: p.load_bottleneck(0, **bottleneck_args(up_bias=_with(rnd(N), 1, -7e4))),
     "fold D·W overflows fp16": lambda p: p.load_bottleneck(0, **bottleneck_args(down_weight=torch.full((3, N), 200.0),
@@ -255,7 +255,7 @@ def test_pool_evict(slot):
     (dict(dtype="float32"), "dtype"),
 ], ids=["int32", "bool", "int64", "str"])
 def test_pool_refuses_non_floating_dtype(kwargs, match):
-    """Issue 8 #7: an integer pool would truncate every adapter."""
+    """an integer pool would truncate every adapter."""
     with pytest.raises(CLEAN, match=match):
         AdapterPool(K, N, num_slots=2, max_rank=2, **kwargs)
 
@@ -368,7 +368,7 @@ def test_adapter_linear_merged(case):
 
 @pytest.mark.parametrize("target", [None, "b", "s"])
 def test_set_adapter_while_merged_either_unmerges_or_changes_nothing(target):
-    """Issue 8 #3 allows both: unmerge (then the merged adapter no longer applies) or refuse, untouched."""
+    """Either is right: unmerge (then the merged adapter no longer applies) or refuse, untouched."""
     layer = make_layer(merged=True)
     before = snapshot_module(layer)
     try:
@@ -383,7 +383,7 @@ def test_set_adapter_while_merged_either_unmerges_or_changes_nothing(target):
                                           (torch.float32, NAN)], ids=["fp32-overflow", "fp16-overflow",
                                                                       "bf16-overflow", "nan-adapter"])
 def test_merge_refuses_non_finite_result(dtype, value):
-    """Issue 8 #8 (PEFT's safe_merge): a merge whose W + s·B·A is not finite raises and leaves W untouched."""
+    """PEFT's safe_merge: a merge whose W + s·B·A is not finite raises and leaves W untouched."""
     layer = make_layer(dtype)
     _set_huge("a", value)(layer)
     assert_fails_cleanly(lambda: snapshot_module(layer), lambda: layer.merge("a"))
@@ -516,7 +516,7 @@ LOAD_PEFT_CASES = {
     "lora_dropout=None": (_edit_config(lora_dropout=None), "lora_dropout", CLEAN),
     "lora_alpha='x'": (_edit_config(lora_alpha="x"), "lora_alpha|alpha", CLEAN),
     "use_dora": (_edit_config(use_dora=True), "use_dora", (NotImplementedError,)),
-    # issue 8 #5: PEFT rewrites the base weight for these initialisations when it loads them saved as is
+    # PEFT rewrites the base weight for these initialisations when it loads them saved as is
     "init pissa": (_edit_config(init_lora_weights="pissa"), "init_lora_weights", (NotImplementedError,)),
     "init pissa_niter_4": (_edit_config(init_lora_weights="pissa_niter_4"), "init_lora_weights",
                            (NotImplementedError,)),

@@ -12,7 +12,7 @@ out below in plain torch and evaluated in float64:
     sequential bottleneck: h = x·Wᵀ + b,  y = h + s·(f(h·Dᵀ + d)·Uᵀ + u)   (never folded here)
 
 on the kernel path (the Triton interpreter on CPU, the GPU when there is one) and on the
-PyTorch reference path (CPU with the interpreter switched off). Tolerance: DESIGN §6 via
+PyTorch reference path (CPU with the interpreter switched off). Tolerance: the tolerance rule via
 ``helpers.assert_close_to_ref``: the error may be at most 2× that of the same formula run
 eagerly in the test dtype, plus a small atol relative to the output's magnitude.
 
@@ -332,7 +332,7 @@ def zero_size_cases(draw):
 
 
 ZERO_SIZED_DIMS_EXAMPLES = [
-    dict(case=dict(mkn=(3, 0, 4), kind="lora", dtype=torch.float32, seed=0)),  # K = 0 (issue 8 #14)
+    dict(case=dict(mkn=(3, 0, 4), kind="lora", dtype=torch.float32, seed=0)),  # K = 0
     dict(case=dict(mkn=(3, 4, 0), kind="parallel", dtype=torch.float32, seed=0)),  # N = 0, a non-identity f
 ]
 
@@ -436,7 +436,7 @@ def mixed_cases(draw):
 MIXED_LORA_LINEAR_EXAMPLES = [
     dict(case=dict(dtype=torch.float64, lead=(9,), k=5, n=4, s=3, r=2, ranks=None, scales=[0.5, -1.25, 2.0],
                    ids="out-of-range", ids_dtype=torch.int32, ids_like_x=False, layout="contiguous", bias=True,
-                   grad=True, base_grad=False, scales_grad=False, seed=1)),  # ids -4..S+3 act as -1 (issue 8 #4)
+                   grad=True, base_grad=False, scales_grad=False, seed=1)),  # ids -4..S+3 act as -1
 ]
 
 
@@ -464,7 +464,7 @@ def _mixed_lora_linear(path, case):
                                                validate_ids=case["ids"] != "out-of-range")
         try:
             y = run(scales_d)
-        except (ValueError, TypeError) as e:  # issue 8 #14: "support it or refuse it", naming scales
+        except (ValueError, TypeError) as e:  # "support it or refuse it", naming scales
             if not (scales_d.requires_grad and "scales" in str(e)):
                 raise
             scales_d = scales_d.detach()
@@ -472,7 +472,7 @@ def _mixed_lora_linear(path, case):
         named = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb)
         wrt = [nm for nm, t in named.items() if t is not None and t.requires_grad]
         gy = rnd(gen, y.shape, 1.0, dtype, dev) if wrt else None
-        if scales_d.requires_grad:  # support it or refuse it (issue 8 #14): never silently no gradient
+        if scales_d.requires_grad:  # support it or refuse it: never silently no gradient
             (g_scales,) = torch.autograd.grad(y, [scales_d], gy, allow_unused=True, retain_graph=True)
             assert g_scales is not None, "scales requires grad but got no gradient (and was not refused)"
         grads = grads_of(y, {nm: named[nm] for nm in wrt}, gy) if wrt else {}
@@ -533,7 +533,7 @@ def pool_formula(ids, slots):
 
 
 POOL_PROGRAMS_EXAMPLES = [
-    # an fp64 pool keeps fp64 scales (issue 8 #14)
+    # an fp64 pool keeps fp64 scales
     dict(prog=dict(dtype=torch.float64, k=7, n=5, slots=2, max_rank=6, bias=True, m=6, ids="distinct", grad=True,
                    base_grad=False, ops=[("lora", 0, 2, 0.1), ("par", 1, 3, "relu", 0.7, True)], seed=3)),
     # W and b gradients through a sequential slot's fold: right, or refused (#2)
@@ -593,7 +593,7 @@ def _pool_programs(path, prog):
             y = adaptkern.mixed_adapter_linear(x, w_in, b_in, pool, ids.to(dev),
                                                validate_ids=prog["ids"] != "out-of-range")
         except (ValueError, NotImplementedError) as e:
-            # issue 8 #2 allows refusing W/b gradients through a sequential slot's fold, with a clear error
+            # W/b gradients through a sequential slot's fold may be refused, with a clear error
             if base_grad and any(spec[0] == "seq" for spec in slots.values()):
                 note(f"refused: {e}")
                 return
@@ -775,7 +775,7 @@ def _program(dtype, adapters, ops, seed=0, train_base=False, m=4):
 SEQ = ("bottleneck", 3, "gelu", "sequential", 1.0)
 LORA_A, LORA_B = ("lora", 2, 4.0, False), ("lora", 3, None, True)
 ADAPTER_LINEAR_PROGRAMS_EXAMPLES = [
-    # a sequential bottleneck's cached fold follows `.data` writes to W, b, D and d (issue 8 #1)
+    # a sequential bottleneck's cached fold follows `.data` writes to W, b, D and d
     _program(torch.float32, [SEQ], [("write", "weight", 0, "data_copy")]),
     _program(torch.float32, [SEQ], [("write", "bias", 0, "data_add")]),
     _program(torch.float32, [SEQ], [("write", "adapter", 0, "data_mul"), ("write", "adapter", 1, "data_add")]),
@@ -812,7 +812,7 @@ def _adapter_linear_programs(path, prog):
         all_specs = {f"a{i}": spec for i, spec in enumerate(prog["adapters"])}
         all_names = list(all_specs)
         layer = _new_layer(prog, all_specs, dev)
-        # issue 8 #11: adding an adapter keeps the active one (the first may become active on a bare layer)
+        # adding an adapter keeps the active one (the first may become active on a bare layer)
         assert layer.active_adapter in (None, all_names[0]), f"adding adapters activated {layer.active_adapter!r}"
         with torch.no_grad():
             layer.weight.copy_(make_weight(gen, prog["n"], prog["k"], dtype, dev, False))
@@ -862,7 +862,7 @@ def _adapter_linear_programs(path, prog):
                     continue
                 try:
                     layer.set_adapter(name)
-                except ValueError:  # issue 8 #3 allows "unmerge() first" instead of unmerging
+                except ValueError:  # "unmerge() first" would be as right as unmerging
                     assert sh.merged is not None and name != sh.merged, f"{label}: set_adapter refused"
                 else:
                     sh.active = name

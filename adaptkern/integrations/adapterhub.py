@@ -29,7 +29,7 @@ something else), ``ln_before``/``ln_after``, ``phm_layer``, ``use_gating``, ``sc
 (AdapterLinear has no adapter dropout) and activations without an exact kernel counterpart.
 
 Numerics: in eval mode the loaded model reproduces the ``adapters`` library's outputs (fp32,
-tests/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the two
+tests/integrations/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the two
 differ in where the dropout sits: the ``adapters`` library drops h before the adapter reads it,
 AdapterLinear's adapter is inside the Linear, so BERT's dropout applies to h + adapter(h).
 Llama-style models have no dropout there and match in training too.

@@ -1,4 +1,5 @@
-"""Mixed batches against a real peer: PEFT's own mixed-batch inference (``adapter_names=``)."""
+"""Mixed batches against a real peer: PEFT's own mixed-batch inference (``adapter_names=``), for the
+logits and for generate(), which expands the batch (beams, num_return_sequences)."""
 
 import copy
 
@@ -70,3 +71,24 @@ def test_mixed_batch_generate_matches_peft():
         with adaptkern.adapter_batch(ours, names):
             got = ours.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=2, do_sample=False, max_new_tokens=4),
+                                    dict(do_sample=True, num_return_sequences=2, max_new_tokens=4)],
+                         ids=["beams", "samples"])
+def test_adapter_batch_generate_expanded_batch_matches_peft(kwargs):
+    """generate() repeats each row (beams, num_return_sequences): each copy keeps its row's adapter."""
+    model, ours = _peft_and_adaptkern()
+    input_ids = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(input_ids)
+    names = ["task_y", "task_x", None]
+    peft_names = [n or "__base__" for n in names]
+    if "num_return_sequences" in kwargs:  # PEFT expands adapter_names for beams only: give it one per sample
+        peft_names = [n for n in peft_names for _ in range(kwargs["num_return_sequences"])]
+    with torch.no_grad():
+        torch.manual_seed(4)
+        want = model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=peft_names, **kwargs)
+        torch.manual_seed(4)
+        with adaptkern.adapter_batch(ours, names):
+            got = ours.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    assert want.shape[0] == 3 * kwargs.get("num_return_sequences", 1) and torch.equal(got, want)

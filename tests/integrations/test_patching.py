@@ -11,19 +11,14 @@ from adaptkern import AdapterLinear
 from adaptkern.integrations import (Conv1DAdapter, adapter_parameters, add_bottleneck, add_lora, patch, set_adapter,
                                     target_module_names)
 
-from .helpers import assert_close_to_ref
 from adaptkern.integrations.patching import adapter_modules
+from adaptkern.testing import assert_close
 
-from .test_peft import ARCHS, make_inputs, tiny_llama
+from ..models import build, model_inputs, tiny_llama
 
 LLAMA_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
     "mlp.down_proj")]
-
-
-def build(arch="llama", seed=0):
-    torch.manual_seed(seed)
-    return ARCHS[arch][0]().eval()
 
 
 def adapter_layer_names(model):
@@ -34,7 +29,7 @@ def adapter_layer_names(model):
 def test_patch_shares_parameters_and_keeps_outputs(arch):
     model = build(arch)
     next(m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))).weight.requires_grad_(False)
-    inputs = make_inputs(arch)
+    inputs = model_inputs(arch)
     with torch.no_grad():
         before = model(**inputs).logits
         oracle = copy.deepcopy(model).double()(**inputs).logits.double()
@@ -53,7 +48,7 @@ def test_patch_shares_parameters_and_keeps_outputs(arch):
         assert all(isinstance(m, Conv1DAdapter) for n, m in model.named_modules() if n in linears)
     with torch.no_grad():
         after = model(**inputs).logits
-    assert_close_to_ref("logits", after, oracle, before)
+    assert_close("logits", oracle, after, before)
 
 
 @pytest.mark.parametrize("targets, expected", [
@@ -117,7 +112,7 @@ def test_conv1d_adapter_keeps_layout_and_gradients():
     x = torch.randn(3, 5, 7)
     y = m(x)
     y64 = ref(x.double())
-    assert_close_to_ref("y", y.detach(), y64.detach(), conv(x).detach())
+    assert_close("y", y64.detach(), y.detach(), conv(x).detach())
     ad = m.add_lora("a", r=3, alpha=6)
     nn.init.normal_(ad.lora_B, std=0.2)
     y = m(x)
@@ -127,16 +122,16 @@ def test_conv1d_adapter_keeps_layout_and_gradients():
     ref.weight.grad = None
     y64 = ref(x.double()) + 2.0 * (x.double() @ a64.t()) @ b64.t()
     y64.backward(g.double())
-    assert_close_to_ref("y lora", y.detach(), y64.detach())
+    assert_close("y lora", y64.detach(), y.detach())
     assert conv.weight.grad.shape == (7, 12)  # base trainable here: its gradient keeps Conv1D's layout
     for name, got, want in (("dW", conv.weight.grad, ref.weight.grad), ("dA", ad.lora_A.grad, a64.grad),
                             ("dB", ad.lora_B.grad, b64.grad)):
-        assert_close_to_ref(name, got, want)
+        assert_close(name, want, got)
     with torch.no_grad():
         unmerged = m(x)
         m.merge("a")
-        assert_close_to_ref("merged W", conv.weight.t(), ref.weight.t() + 2.0 * b64.detach() @ a64.detach())
-        assert_close_to_ref("y merged", m(x), unmerged.double())  # merge made "a" the active adapter
+        assert_close("merged W", ref.weight.t() + 2.0 * b64.detach() @ a64.detach(), conv.weight.t().detach())
+        assert_close("y merged", unmerged.double(), m(x))  # merge made "a" the active adapter
         m.unmerge()
     m.load_state_dict({"weight": ref.weight.float().detach(), "bias": ref.bias.float().detach(),
                        "adapters.a.lora_A": ad.lora_A.detach(), "adapters.a.lora_B": ad.lora_B.detach()})
@@ -147,7 +142,7 @@ def test_conv1d_adapter_keeps_layout_and_gradients():
 
 def test_add_lora_freezes_base_and_lists_adapter_parameters():
     model = tiny_llama()
-    ids = make_inputs("llama")["input_ids"]
+    ids = model_inputs("llama")["input_ids"]
     with torch.no_grad():
         base = model(ids).logits
     add_lora(model, "a", r=4, target_modules=["q_proj", "v_proj"])
@@ -187,7 +182,7 @@ def test_add_adapter_errors_leave_model_unchanged():
 
 def test_bottleneck_and_lora_switching():
     model = tiny_llama()
-    ids = make_inputs("llama")["input_ids"]
+    ids = model_inputs("llama")["input_ids"]
     with torch.no_grad():
         base = model(ids).logits
     add_bottleneck(model, "bn", 8, target_modules=["down_proj"], activation="gelu", placement="parallel", scale=0.5)
@@ -210,7 +205,7 @@ def test_adding_a_second_adapter_keeps_the_active_one_everywhere():
     layers too, changes nothing until set_adapter selects it."""
     model = build()
     add_lora(model, "a", r=2, target_modules=["q_proj"])
-    inputs = make_inputs("llama")
+    inputs = model_inputs("llama")
     with torch.no_grad():
         for m in adapter_modules(model).values():
             m.adapters["a"].lora_B.normal_()

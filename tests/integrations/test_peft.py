@@ -1,6 +1,6 @@
 """PEFT LoRA interop against the real ``peft`` package, on tiny random models built from configs.
 
-Tolerance: the DESIGN §6 rule through ``assert_close_to_ref``: adaptkern's fp32 logits and
+Tolerance: the package's rule (``adaptkern.testing.assert_close``): adaptkern's fp32 logits and
 LoRA gradients may be at most 2× further from PEFT-in-float64 than PEFT-in-float32 is, plus
 2e-6 × max|ref|. Both fp32 runs round differently (fused epilogue vs eager adds), so
 neither is the oracle; float64 is.
@@ -16,54 +16,17 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
 
 from adaptkern import AdapterLinear
 from adaptkern.integrations import Conv1DAdapter, adapter_parameters, add_lora, from_peft_model, load_peft, save_peft
 from adaptkern.integrations.patching import set_adapter
+from adaptkern.testing import assert_close
 
-from .helpers import assert_close_to_ref
+from ..models import (ARCHS, assert_unchanged, edit_peft_config, model_inputs, outputs_match_peft, randomize_lora_b,
+                      snapshot, tiny_llama, tiny_llama_seeded)
 
 # transformers 5 renames gradient_checkpointing_* (PEFT still calls the old names)
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")
-
-DEC = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None)
-
-
-def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(**DEC))
-
-
-# name -> (builder, PEFT target_modules, extra LoraConfig kwargs, does generate())
-ARCHS = {
-    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}, True),
-    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**DEC)), ["q_proj", "v_proj", "down_proj"], {}, True),
-    "mistral": (lambda: MistralForCausalLM(MistralConfig(**DEC)), ["q_proj", "o_proj", "up_proj"], {}, True),
-    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
-                                                bos_token_id=None, eos_token_id=None)),
-             ["c_attn", "c_proj", "c_fc"], dict(fan_in_fan_out=True), True),
-    "bert": (lambda: BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=64,
-                                                max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                                attention_probs_dropout_prob=0.0)),
-             ["query", "value", "dense"], {}, False),
-    "t5": (lambda: T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                       num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
-                                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)),
-           ["q", "v", "o", "wi", "wo"], {}, True),
-}
-
-
-def make_inputs(arch, batch=2, seq=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (batch, seq), generator=g)
-    if arch == "t5":
-        return dict(input_ids=ids, decoder_input_ids=torch.randint(1, 64, (batch, 4), generator=g))
-    return dict(input_ids=ids)
 
 
 def peft_pair(arch, tmp_path, seed=0, **lora_kwargs):
@@ -77,14 +40,6 @@ def peft_pair(arch, tmp_path, seed=0, **lora_kwargs):
     randomize_lora_b(pm)
     pm.save_pretrained(tmp_path)
     return base, pm, load_peft(copy.deepcopy(base), str(tmp_path))
-
-
-def randomize_lora_b(model, std=0.1):
-    """Fresh LoRA B is zero, which would make every comparison vacuous."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, std)
 
 
 def peft_key(name):
@@ -115,19 +70,19 @@ def test_architecture_matches_peft(arch, tmp_path):
     assert_only_adapters_trainable(ours)
     assert all(isinstance(m, Conv1DAdapter if arch == "gpt2" else AdapterLinear)
                for n, m in ours.named_modules() if n.rsplit(".", 1)[-1] in targets)
-    inputs = make_inputs(arch)
+    inputs = model_inputs(arch)
     pm.train()
     ours.train()  # every dropout is 0: train mode so that checkpointing below is active
     ours.config.use_cache = False  # as checkpointing forces (T5's cached path rounds differently)
     logits, grads = loss_and_grads(ours, inputs)
     peft32, grads32 = loss_and_grads(pm, inputs)
     peft64, grads64 = loss_and_grads(copy.deepcopy(pm).double(), inputs)
-    assert_close_to_ref("logits", logits, peft64.double(), peft32)
+    assert_close("logits", peft64.double(), logits, peft32)
     adapter_names = {n for n, _ in ours.named_parameters() if ".adapters." in n}
     assert set(grads) == adapter_names and len(grads32) == len(adapter_names)  # only adapters get gradients
     for name, g in grads.items():
         key = peft_key(name)
-        assert_close_to_ref(f"d {name}", g, grads64[key].double(), grads32[key])
+        assert_close(f"d {name}", grads64[key].double(), g, grads32[key])
 
     ours.gradient_checkpointing_enable()
     calls = []
@@ -135,27 +90,19 @@ def test_architecture_matches_peft(arch, tmp_path):
     layer.register_forward_hook(lambda *_: calls.append(1))
     logits_ckpt, grads_ckpt = loss_and_grads(ours, inputs)
     assert len(calls) == 2, "gradient checkpointing did not recompute the layer"
-    assert_close_to_ref("logits (checkpointed)", logits_ckpt, peft64.double(), peft32)
+    assert_close("logits (checkpointed)", peft64.double(), logits_ckpt, peft32)
     for name, g in grads_ckpt.items():  # not bitwise: T5's checkpointed path rounds differently even without LoRA
         key = peft_key(name)
-        assert_close_to_ref(f"d {name} (checkpointed)", g, grads64[key].double(), grads32[key])
+        assert_close(f"d {name} (checkpointed)", grads64[key].double(), g, grads32[key])
     assert set(grads_ckpt) == adapter_names
 
     if ARCHS[arch][3]:
         ours.gradient_checkpointing_disable()
         ours.eval()
         pm.eval()
-        ids = make_inputs(arch, seq=5, seed=2)["input_ids"]
+        ids = model_inputs(arch, seq=5, seed=2)["input_ids"]
         kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(ours.generate(ids, **kw), pm.generate(input_ids=ids, **kw))
-
-
-def outputs_match_peft(pm, ours, arch="llama"):
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        out, out32 = ours(**inputs).logits, pm(**inputs).logits
-        out64 = copy.deepcopy(pm).double()(**inputs).logits
-    assert_close_to_ref("logits", out, out64.double(), out32)
 
 
 @pytest.mark.parametrize("case", ["patterns", "rslora", "regex", "exclude"])
@@ -192,7 +139,7 @@ def test_gpt2_fan_in_fan_out_and_tied_head(tmp_path):
     state = ours.state_dict()
     assert {k for k in state if ".adapters." not in k} == set(base.state_dict())
     assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
-    _edit_config(tmp_path, fan_in_fan_out=False)
+    edit_peft_config(tmp_path, fan_in_fan_out=False)
     with pytest.warns(UserWarning, match="fan_in_fan_out=False but 'transformer.h.0.attn.c_attn' is a Conv1D"):
         load_peft(copy.deepcopy(base), str(tmp_path))
 
@@ -260,35 +207,12 @@ def test_load_legacy_bin_weights_only(tmp_path):
     outputs_match_peft(pm, load_peft(tiny_llama_seeded(), str(tmp_path)))
 
 
-def tiny_llama_seeded(seed=0):
-    torch.manual_seed(seed)
-    return tiny_llama().eval()
-
-
 # -- strictness: every failure leaves the model exactly as it was --------------------------------------------
 
 
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, type(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()])
-
-
-def assert_unchanged(model, snap):
-    state, types, grads = snapshot(model)
-    assert types == snap[1] and grads == snap[2]
-    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
-
-
-def _edit_config(path, **changes):
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
 def _edit_weights(path, fn):
@@ -304,7 +228,8 @@ BAD = {
                        "unexpected \\['extra'\\]"),
     "shape": (lambda p: _edit_weights(p, lambda w: w.update({KEY: torch.zeros(4, 31)})), ValueError,
               r"q_proj.lora_A.weight: shape mismatch: checkpoint has \(4, 31\), the model needs \(4, 32\)"),
-    "rank in config": (lambda p: _edit_config(p, r=5), ValueError, r"checkpoint has \(4, 32\), the model needs \(5"),
+    "rank in config": (lambda p: edit_peft_config(p, r=5), ValueError,
+                       r"checkpoint has \(4, 32\), the model needs \(5"),
     "nan": (lambda p: _edit_weights(p, lambda w: w[KEY].__setitem__((0, 0), float("nan"))), ValueError, "NaN or Inf"),
     "inf": (lambda p: _edit_weights(p, lambda w: w[KEY].__setitem__((1, 2), float("-inf"))), ValueError,
             "NaN or Inf"),
@@ -319,18 +244,18 @@ BAD = {
                ValueError, "weights_only"),
     "no weights": (lambda p: os.remove(p / "adapter_model.safetensors"), FileNotFoundError, "neither"),
     "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), ValueError, "not valid JSON"),
-    "peft_type": (lambda p: _edit_config(p, peft_type="IA3"), NotImplementedError, "peft_type='IA3'"),
-    "no peft_type": (lambda p: _edit_config(p, peft_type=None), ValueError, "peft_type must be"),
-    "bias": (lambda p: _edit_config(p, bias="all"), NotImplementedError, "bias='all'"),
-    "dora": (lambda p: _edit_config(p, use_dora=True), NotImplementedError, "use_dora=True"),
-    "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), NotImplementedError,
+    "peft_type": (lambda p: edit_peft_config(p, peft_type="IA3"), NotImplementedError, "peft_type='IA3'"),
+    "no peft_type": (lambda p: edit_peft_config(p, peft_type=None), ValueError, "peft_type must be"),
+    "bias": (lambda p: edit_peft_config(p, bias="all"), NotImplementedError, "bias='all'"),
+    "dora": (lambda p: edit_peft_config(p, use_dora=True), NotImplementedError, "use_dora=True"),
+    "modules_to_save": (lambda p: edit_peft_config(p, modules_to_save=["lm_head"]), NotImplementedError,
                         "modules_to_save"),
-    "r": (lambda p: _edit_config(p, r=0), ValueError, "r must be a positive int"),
-    "dropout": (lambda p: _edit_config(p, lora_dropout=1.5), ValueError, "lora_dropout"),
-    "targets nothing": (lambda p: _edit_config(p, target_modules=["nope"]), ValueError, "matches no module"),
-    "targets embedding": (lambda p: _edit_config(p, target_modules=["q_proj", "embed_tokens"]), NotImplementedError,
+    "r": (lambda p: edit_peft_config(p, r=0), ValueError, "r must be a positive int"),
+    "dropout": (lambda p: edit_peft_config(p, lora_dropout=1.5), ValueError, "lora_dropout"),
+    "targets nothing": (lambda p: edit_peft_config(p, target_modules=["nope"]), ValueError, "matches no module"),
+    "targets embedding": (lambda p: edit_peft_config(p, target_modules=["q_proj", "embed_tokens"]), NotImplementedError,
                           "Embedding"),
-    "rank_pattern type": (lambda p: _edit_config(p, rank_pattern={"q_proj": "2"}), ValueError, "rank_pattern"),
+    "rank_pattern type": (lambda p: edit_peft_config(p, rank_pattern={"q_proj": "2"}), ValueError, "rank_pattern"),
 }
 
 
@@ -374,7 +299,7 @@ def test_name_clash_and_unknown_fields(saved_llama):
 def test_unknown_config_field_warns(saved_llama, tmp_path):
     for f in os.listdir(saved_llama):
         (tmp_path / f).write_bytes((saved_llama / f).read_bytes())
-    _edit_config(tmp_path, shiny_new_option=3)
+    edit_peft_config(tmp_path, shiny_new_option=3)
     with pytest.warns(UserWarning, match="shiny_new_option"):
         load_peft(tiny_llama_seeded(), str(tmp_path))
 
@@ -403,7 +328,7 @@ def test_from_peft_model_keeps_adapters_and_active(arch):
                         adapter_name="one")
     pm.add_adapter("two", LoraConfig(r=2, lora_alpha=5, use_rslora=True, target_modules=targets[1:3], **extra))
     randomize_lora_b(pm)
-    inputs = make_inputs(arch)
+    inputs = model_inputs(arch)
     expected = {}
     with torch.no_grad():
         for name in ("one", "two"):
@@ -420,7 +345,7 @@ def test_from_peft_model_keeps_adapters_and_active(arch):
         set_adapter(model, name)
         with torch.no_grad():
             out = model(**inputs).logits
-        assert_close_to_ref(f"logits {name}", out, expected[name][1].double(), expected[name][0])
+        assert_close(f"logits {name}", expected[name][1].double(), out, expected[name][0])
 
 
 def test_from_peft_model_refuses_unsupported_unchanged():

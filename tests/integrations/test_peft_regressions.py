@@ -1,9 +1,10 @@
-"""Regressions of issue 8 in the PEFT integration, checked against the real ``peft`` package.
+"""PEFT integration edge cases that once went wrong, checked against the real ``peft`` package.
 
-5. Adapters initialised with PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ fit a base weight PEFT changed; ``load_peft``
-   must refuse them (before touching the model) and load them once PEFT converted them into plain LoRA.
-10. After ``from_peft_model`` the PeftModel wrapper no longer sees its LoRA layers: saving or merging through it
-    must raise, never write an empty adapter or merge nothing.
+Base-changing initialisations: adapters initialised with PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ fit a base
+weight PEFT changed; ``load_peft`` must refuse them (before touching the model) and load them once PEFT
+converted them into plain LoRA.
+The spent wrapper: after ``from_peft_model`` the PeftModel wrapper no longer sees its LoRA layers: saving or
+merging through it must raise, never write an empty adapter or merge nothing.
 """
 
 import copy
@@ -21,9 +22,10 @@ from safetensors.torch import load_file
 from adaptkern import AdapterLinear
 from adaptkern.integrations import from_peft_model, load_peft, save_peft
 
-from .helpers import assert_close_to_ref
-from .test_peft import (_edit_config, assert_unchanged, make_inputs, outputs_match_peft, randomize_lora_b, snapshot,
-                        tiny_llama_seeded)
+from adaptkern.testing import assert_close
+
+from ..models import (assert_unchanged, edit_peft_config, model_inputs, outputs_match_peft, randomize_lora_b, snapshot,
+                      tiny_llama_seeded)
 
 pytestmark = [
     # transformers 5 renames gradient_checkpointing_* (PEFT still calls the old names)
@@ -52,7 +54,7 @@ def _perturb_lora(pm, seed=5, std=0.05):
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-# -- 5. base-changing initialisations -----------------------------------------------------------------------
+# -- base-changing initialisations -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
@@ -74,6 +76,19 @@ def test_unconverted_base_changing_adapter_raises_before_touching_model(init, tm
     assert_unchanged(model, snap)
 
 
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_from_peft_model_refuses_a_live_base_rewriting_adapter(init):
+    """A live PiSSA/OLoRA PeftModel holds the rewritten base: converting it would let save_peft
+    write an adapter that is silently wrong on the original base, so it is refused, untouched."""
+    pm = get_peft_model(tiny_llama_seeded(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                         init_lora_weights=init))
+    snap = snapshot(pm)
+    with pytest.raises(NotImplementedError, match=rf"init_lora_weights='{init}'.*rewrote the base weight"):
+        from_peft_model(pm)
+    assert_unchanged(pm, snap)
+    assert type(pm.get_base_model().model.layers[0].self_attn.q_proj) is LoraLinear
+
 @pytest.fixture
 def plain_adapter(tmp_path):
     """(base, directory of a plain PEFT LoRA adapter with non-zero B)."""
@@ -88,7 +103,7 @@ def plain_adapter(tmp_path):
                                   "some_future_init", 1, ["pissa"]])
 def test_config_init_that_changes_the_base_raises(init, plain_adapter):
     base, path = plain_adapter
-    _edit_config(path, init_lora_weights=init)
+    edit_peft_config(path, init_lora_weights=init)
     model = copy.deepcopy(base)
     snap = snapshot(model)
     with pytest.raises(NotImplementedError, match=re.escape(f"init_lora_weights={init!r} ")):
@@ -99,7 +114,7 @@ def test_config_init_that_changes_the_base_raises(init, plain_adapter):
 @pytest.mark.parametrize("init", [True, False, None, "gaussian", "eva", "orthogonal", "mica"])
 def test_config_init_that_keeps_the_base_loads_like_peft(init, plain_adapter):
     base, path = plain_adapter
-    _edit_config(path, init_lora_weights=init)
+    edit_peft_config(path, init_lora_weights=init)
     ref = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
     assert torch.equal(ref.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
                        base.model.layers[0].self_attn.q_proj.weight)
@@ -113,7 +128,7 @@ def test_converted_adapter_loads_and_matches_peft_and_training(init, tmp_path):
                                                         init_lora_weights=init)).eval()
     pm.save_pretrained(tmp_path / "initial")
     _perturb_lora(pm)
-    inputs = make_inputs("llama")
+    inputs = model_inputs("llama")
     with torch.no_grad():
         trained = pm(**inputs).logits
     pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
@@ -128,7 +143,7 @@ def test_converted_adapter_loads_and_matches_peft_and_training(init, tmp_path):
         torch.testing.assert_close(ours(**inputs).logits, trained, atol=1e-5, rtol=0)
 
 
-# -- 10. the PeftModel wrapper after from_peft_model ----------------------------------------------------------
+# -- the spent PeftModel wrapper after from_peft_model ----------------------------------------------------------
 
 
 def _disabled_forward(pm, inputs):
@@ -158,7 +173,7 @@ def spent():
     base = tiny_llama_seeded()
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
     randomize_lora_b(pm)
-    inputs = make_inputs("llama")
+    inputs = model_inputs("llama")
     with torch.no_grad():
         before, before64 = pm(**inputs).logits, copy.deepcopy(pm).double()(**inputs).logits.double()
     return base, pm, from_peft_model(pm), inputs, before, before64
@@ -171,7 +186,7 @@ def test_spent_peft_wrapper_raises_and_changes_nothing(call, spent, tmp_path):
         SPENT_CALLS[call](pm, tmp_path, inputs)
     assert not (tmp_path / "adapter_model.safetensors").exists()
     with torch.no_grad():  # nothing merged, unloaded or disabled
-        assert_close_to_ref("logits", model(**inputs).logits, before64, before)
+        assert_close("logits", before64, model(**inputs).logits, before)
 
 
 def test_save_peft_after_from_peft_model_keeps_the_training(spent, tmp_path):

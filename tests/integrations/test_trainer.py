@@ -6,7 +6,7 @@ from transformers import Trainer, TrainingArguments
 
 from adaptkern.integrations import adapter_parameters, add_lora
 
-from .test_peft import tiny_llama
+from ..models import tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")
 

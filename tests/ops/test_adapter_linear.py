@@ -7,9 +7,10 @@ import adaptkern
 from adaptkern.ops import config
 from adaptkern.ops import common
 from adaptkern.ops.adapter_linear import reference
-from adaptkern.ops.adapter_linear import adapter_linear_op, dropout_mask
+from adaptkern.ops.adapter_linear import adapter_linear_backward_op, adapter_linear_op, dropout_mask
+from adaptkern.testing import assert_close
 
-from .helpers import assert_close_to_ref, eager_and_oracle, make_inputs, ref_fn
+from ..helpers import eager_and_oracle, make_inputs, ref_fn, transposed_storage
 
 NAMES = ("x", "weight", "bias", "a_w", "a_b", "b_w", "b_b")
 TRAINABLE = (0, 3, 4, 5, 6)  # x and the adapter's parameters; W, b frozen
@@ -50,10 +51,10 @@ def _check_all(inputs, scale, act, route, device, seed=1):
     wrt = _trainable(inputs)
     eager, oracle, eager_g, oracle_g = eager_and_oracle(ref_fn(scale, act), inputs, grad_out, wrt)
     assert y.dtype == inputs[0].dtype
-    assert_close_to_ref("y", y, oracle, eager)
+    assert_close("y", oracle, y, eager)
     for i, g, eg, og in zip(wrt, grads, eager_g, oracle_g):
         assert g.dtype == inputs[i].dtype
-        assert_close_to_ref(f"d{NAMES[i]}", g, og, eg)
+        assert_close(f"d{NAMES[i]}", og, g, eg)
 
 
 # The one-pass route takes R <= 128 (validated), so larger ranks run the split route only.
@@ -89,9 +90,9 @@ def test_base_weight_and_bias_gradients_when_trainable(device):
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, ins, gy)
     _, oracle, _, og = eager_and_oracle(ref_fn(0.5, "silu"), inputs, gy.cpu(), tuple(range(7)))
-    assert_close_to_ref("y", y.detach().cpu(), oracle)
+    assert_close("y", oracle, y.detach().cpu())
     for name, g, o in zip(NAMES, grads, og):
-        assert_close_to_ref(f"d{name}", g.cpu(), o)
+        assert_close(f"d{name}", o, g.cpu())
 
 
 def test_no_bias_anywhere(device):
@@ -115,9 +116,9 @@ def test_non_contiguous_inputs_and_transposed_weights(route, device):
     grads = torch.autograd.grad(y, leaves, gy)
     inputs = (x, w, b, a_w, a_b, b_w, b_b)
     _, oracle, _, og = eager_and_oracle(ref_fn(0.5, "gelu"), inputs, gy.cpu(), (0, 3, 5))
-    assert_close_to_ref("y", y.detach().cpu(), oracle)
+    assert_close("y", oracle, y.detach().cpu())
     for name, g, o in zip(("dx", "da_w", "db_w"), grads, og):
-        assert_close_to_ref(name, g.cpu(), o)
+        assert_close(name, o, g.cpu())
 
 
 def test_leading_dims_are_flattened(device):
@@ -125,8 +126,8 @@ def test_leading_dims_are_flattened(device):
     y = adaptkern.lora_linear(x.view(2, 3, 4, 16).to(device), w.to(device), b.to(device), a_w.to(device),
                               b_w.to(device), scale=2.0)
     assert y.shape == (2, 3, 4, 12)
-    assert_close_to_ref("y", y.reshape(24, 12).cpu(), reference.lora_linear_ref(
-        x.double(), w.double(), b.double(), a_w.double(), b_w.double(), 2.0))
+    want = reference.lora_linear_ref(x.double(), w.double(), b.double(), a_w.double(), b_w.double(), 2.0)
+    assert_close("y", want, y.reshape(24, 12).cpu())
 
 
 @pytest.mark.parametrize("route", ["onepass", "split"])
@@ -166,9 +167,9 @@ def test_dropout_matches_reference_with_the_kernel_mask(route, device):
     ins = [t.double().requires_grad_() for t in (x, a_w, a_b, b_w, b_b)]
     ref = reference.adapter_linear_ref(ins[0], w.double(), b.double(), *ins[1:], scale, "gelu", keep, p)
     ref_g = torch.autograd.grad(ref, ins, gy.double().cpu())
-    assert_close_to_ref("y", y.detach().cpu(), ref)
+    assert_close("y", ref.detach(), y.detach().cpu())
     for name, g, o in zip(("dx", "da_w", "da_b", "db_w", "db_b"), grads, ref_g):
-        assert_close_to_ref(name, g.cpu(), o)
+        assert_close(name, o, g.cpu())
 
 
 def test_lora_dropout_changes_only_the_adapter_branch(device):
@@ -253,7 +254,7 @@ def test_strided_bias_vectors(route, device):
     y = adaptkern.adapter_linear(x.to(device), w.to(device), views[0].to(device), a_w.to(device), views[1].to(device),
                                  b_w.to(device), views[2].to(device), activation="gelu", route=route)
     want = reference.adapter_linear_ref(*(t.double() for t in (x, w, b, a_w, a_b, b_w, b_b)), 1.0, "gelu")
-    assert_close_to_ref("y", y.cpu(), want)
+    assert_close("y", want, y.cpu())
 
 
 @pytest.mark.parametrize("route", ["onepass", "split"])
@@ -266,7 +267,7 @@ def test_large_scale_does_not_overflow_fp16(route, device):
     want = reference.lora_linear_ref(x.double(), w.double(), b.double(), a_w.double(), b_w.double() * 1e-3, scale)
     assert torch.isfinite(y).all()
     eager = reference.lora_linear_ref(x, w, b, a_w, b_w * 1e-3, scale)
-    assert_close_to_ref("y", y.cpu(), want, eager)
+    assert_close("y", want, y.cpu(), eager)
 
 
 def test_forward_never_splits_k(monkeypatch, device):
@@ -287,3 +288,22 @@ def test_autocast_runs_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.nn.functional.linear(x, m.weight, m.bias).dtype == torch.bfloat16
         assert m(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("need_z", [True, False], ids=["need_z", "no_z"])
+def test_opcheck_adapter_linear_ops_on_both_paths(need_z, path_device):
+    """Real and fake (torch.library) outputs agree on both paths, A and B laid out transposed included."""
+    x, w, b, a_w, a_b, b_w, b_b = (t.to(path_device) for t in make_inputs(9, 12, 10, 3, torch.float32))
+    a_w, b_w = transposed_storage(a_w), transposed_storage(b_w)
+    seed = torch.tensor([7], device=path_device)
+    leaves = [t.requires_grad_(need_z) for t in (x, a_w, a_b, b_w, b_b)]
+    for route in ("onepass", "split"):
+        args = (leaves[0], w, b, *leaves[1:], 0.5, "gelu", 0.25, seed, need_z, route)
+        torch.library.opcheck(adapter_linear_op, args)
+        y, z = adapter_linear_op(*args)
+        assert y.shape == (9, 10) and z.dtype == torch.float32 and z.shape == ((9, 3) if need_z else (0,))
+    if need_z:
+        dy = torch.randn(9, 10, generator=torch.Generator().manual_seed(3)).to(path_device)
+        for needs in ([True] * 7, [False, False, False, True, True, True, False]):
+            args = (dy, x.detach(), w, a_w.detach(), b_w.detach(), z.detach(), 0.5, "gelu", 0.25, seed, needs)
+            torch.library.opcheck(adapter_linear_backward_op, args)  # (the backward op has no double backward)

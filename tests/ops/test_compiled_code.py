@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia", reason="this triton build has no NVIDIA backend")
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "kernel_report.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_report.py"
 HOT = ("split main x·Wᵀ+S·Bᵀ", "bwd dX=dY·W+dZ·A", "one-pass", "mixed linear")
 # Ceilings not met yet: (ceiling, hot role) -> the fix that is missing.
 KNOWN = {

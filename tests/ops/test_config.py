@@ -16,7 +16,7 @@ import torch
 import adaptkern
 from adaptkern.ops import config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GPU = "cuda:0"  # a device object only: nothing touches CUDA (the slug is faked)
 MS = (1, 16, 64, 256, 1024, 2048, 4096, 8192)
 
@@ -241,3 +241,11 @@ def test_launchers_pass_the_device(monkeypatch):
         assert kwargs.get("device") == x.device, (name, kwargs)
         if name == "choose_route":
             assert kwargs.get("n") == 24
+
+
+def test_gpu_slug():
+    assert config.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert config.gpu_slug("NVIDIA H200") == "h200"
+    assert config.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert config.gpu_slug("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert config.gpu_slug("cpu") == "cpu"

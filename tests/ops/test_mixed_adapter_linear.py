@@ -1,4 +1,5 @@
-"""Mixed-adapter batches against the float64 per-adapter loop (``mixed_reference.mixed_adapter_linear_ref``)."""
+"""``adaptkern::mixed_adapter_linear``: mixed-adapter batches against the float64 per-adapter loop
+(``mixed_reference.mixed_adapter_linear_ref``), through the public functions and the raw op."""
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ import adaptkern
 from adaptkern.ops import config
 from adaptkern.ops.adapter_linear import reference
 from adaptkern.ops.mixed_adapter_linear import reference as mixed_reference
-from adaptkern.ops.mixed_adapter_linear import mixed_adapter_linear_op
+from adaptkern.ops.mixed_adapter_linear import mixed_adapter_linear_backward_op, mixed_adapter_linear_op
+from adaptkern.testing import assert_close
 
-from .helpers import assert_close_to_ref
+from ..helpers import transposed_storage
 
 
 def popularity(kind, m, s, gen):
@@ -76,9 +78,9 @@ def test_popularity_patterns_outputs_and_gradients(kind, m, dtype, device, nan_p
     grads = torch.autograd.grad(y, leaves, gy.to(device))
     oracle, oracle_g = _oracle(x, w, bias, a, b, scales, ranks, ids, gy)
     eager, eager_g = _eager(x, w, bias, a, b, scales, ranks, ids, gy)
-    assert_close_to_ref("y", y.detach().cpu(), oracle, eager)
+    assert_close("y", oracle, y.detach().cpu(), eager)
     for name, g, og, eg in zip(("dx", "dlora_a", "dlora_b"), grads, oracle_g, eager_g):
-        assert_close_to_ref(name, g.cpu(), og, eg)
+        assert_close(name, og, g.cpu(), eg)
     # Each slot's gradient comes only from its own rows: unused slots and padded ranks get zeros.
     used = set(ids.tolist())
     for slot in range(s):
@@ -101,7 +103,7 @@ def test_base_rows_and_batch_invariance(m, device):
     x, w, bias, a, b, scales = _setup(m=m, device=device)
     run = lambda ids: adaptkern.mixed_lora_linear(x, w, bias, a, b, ids.to(device), scales=scales)  # noqa: E731
     base = run(torch.full((m,), -1, dtype=torch.int32))
-    assert_close_to_ref("all -1", base.cpu(), nn.functional.linear(x.double(), w.double(), bias.double()).cpu())
+    assert_close("all -1", nn.functional.linear(x.double(), w.double(), bias.double()).cpu(), base.cpu())
     gen = torch.Generator().manual_seed(1)
     first = popularity("uniform", m, 5, gen)
     y1 = run(first)
@@ -113,8 +115,8 @@ def test_base_rows_and_batch_invariance(m, device):
             assert torch.equal(y1[row], y2[row])
         base_rows = (other == -1).nonzero().squeeze(1)
         assert torch.equal(y2[base_rows], base[base_rows]), "-1 rows must get exactly the base result"
-        assert_close_to_ref("changed mapping", y2.cpu(), _oracle(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(),
-                                                                  scales.cpu(), None, other)[0])
+        want = _oracle(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), scales.cpu(), None, other)[0]
+        assert_close("changed mapping", want, y2.cpu())
 
 
 def test_every_slot_including_the_last(device):
@@ -186,7 +188,7 @@ def test_pool_mixes_kinds_ranks_and_activations(m, device):
         else:
             _, d, db, u, ub, act, sc = raw[s]
             want[i] = reference.bottleneck_linear_ref(xi, wd, bd, d, db, u, ub, sc, act, raw[s][0])[0]
-    assert_close_to_ref("y", y.cpu(), want)
+    assert_close("y", want, y.cpu())
     pool.evict(3)
     y2 = adaptkern.mixed_adapter_linear(x.to(device), w.to(device), bias.to(device), pool, ids.to(device))
     rows = ids == 3
@@ -346,7 +348,7 @@ def test_large_mixed_on_gpu(m):
                         scales, None, ids)
     eager, _ = _eager(x.cpu().float().to(torch.bfloat16), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), scales, None, ids,
                       torch.zeros(m, n, dtype=torch.bfloat16))
-    assert_close_to_ref("y", y.cpu(), oracle, eager)
+    assert_close("y", oracle, y.cpu(), eager)
 
 
 def test_reference_path_on_cpu_outputs_and_gradients(monkeypatch):
@@ -360,9 +362,9 @@ def test_reference_path_on_cpu_outputs_and_gradients(monkeypatch):
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, gy)
     oracle, oracle_g = _oracle(x, w, bias, a, b, scales, ranks, ids, gy)
-    assert_close_to_ref("y", y.detach(), oracle)
+    assert_close("y", oracle, y.detach())
     for name, g, og in zip(("dx", "dlora_a", "dlora_b"), grads, oracle_g):
-        assert_close_to_ref(name, g, og)
+        assert_close(name, og, g)
 
 
 def test_strided_and_expanded_vectors_ids_shaped_like_x(device):
@@ -373,7 +375,7 @@ def test_strided_and_expanded_vectors_ids_shaped_like_x(device):
     y = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=wide_scales, ranks=ranks)
     want = _oracle(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), scales.cpu(), ranks.cpu().contiguous(),
                    ids.cpu().contiguous())[0]
-    assert_close_to_ref("y", y.cpu(), want)
+    assert_close("y", want, y.cpu())
     ids2d = torch.tensor([[0, -1, 4], [2, 2, 1], [3, -1, 0], [4, 4, 4]], dtype=torch.int32, device=device)
     y3 = adaptkern.mixed_lora_linear(x.view(4, 3, 40), w, bias, a, b, ids2d, scales=scales)
     y2 = adaptkern.mixed_lora_linear(x, w, bias, a, b, ids2d.flatten(), scales=scales)
@@ -419,5 +421,158 @@ def test_one_slot_over_many_rows_splits_its_reduction(device):
         finally:
             torch.use_deterministic_algorithms(False)
         for name, g, og in zip(("dx", "dlora_a", "dlora_b"), grads, oracle_g):
-            assert_close_to_ref(name, g.cpu(), og)
+            assert_close(name, og, g.cpu())
         assert not grads[1][0].any() and not grads[2][0].any()
+
+
+# -- the raw op ``adaptkern::mixed_adapter_linear``, every optional input present ----------------------------
+# A [S, R, K] stack with biases, per-slot ranks and activations. A test that takes ``path_device`` runs on both
+# paths: "reference" (CPU tensors without the interpreter run reference.py) and "kernels" (Triton kernels).
+
+S, R, K, N = 4, 5, 12, 10  # the raw op's stack: slots, max rank, in/out features
+RANKS = [5, 2, 0, 3]  # slot 2 is empty (rank 0) but has a nonzero c: reading it by mistake shows
+ACTS = [0, 2, 1, 4]  # identity, gelu, relu, silu (common.ACTIVATIONS codes)
+
+
+def mixed_inputs(ids, dtype=torch.float32, seed=0, device="cpu"):
+    """The eleven tensor inputs of ``adaptkern::mixed_adapter_linear`` with every optional one present."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ts = [rnd(len(ids), K), rnd(N, K, std=K**-0.5), rnd(N, std=0.5), rnd(S, R, K, std=K**-0.5), rnd(S, R, std=0.5),
+          rnd(S, N, R, std=R**-0.5), rnd(S, N, std=0.5), (torch.rand(S, generator=g) + 0.5).to(acc),
+          torch.tensor(RANKS, dtype=torch.int32), torch.tensor(ACTS, dtype=torch.int32),
+          torch.tensor(ids, dtype=torch.int32)]
+    return [t.to(device) for t in ts]
+
+
+def mixed_oracle(inputs, gy):
+    """float64 y and the gradients of (x, W, b, A, a, B, c), with every id outside [0, S) made -1."""
+    ins = [t.detach().cpu() for t in inputs]
+    ids = ins[10]
+    ins[10] = torch.where((ids >= 0) & (ids < S), ids, -1)
+    leaves = [t.double().requires_grad_() for t in ins[:7]]
+    y = mixed_reference.mixed_adapter_linear_ref(*leaves, ins[7].double(), *ins[8:])
+    return y.detach(), torch.autograd.grad(y, leaves, gy.cpu().double())
+
+
+def oracle_z(inputs):
+    """The z the kernels store: x_i·A_s[:r_s]ᵀ + a_s in a row's first r_s columns, else 0 (float64)."""
+    x, _, _, a_all, a_bias, *_, ids = [t.detach().cpu() for t in inputs]
+    z = torch.zeros(x.shape[0], R, dtype=torch.float64)
+    for i, s in enumerate(ids.tolist()):
+        if 0 <= s < S:
+            r = RANKS[s]
+            z[i, :r] = x[i].double() @ a_all[s, :r].double().t() + a_bias[s, :r].double()
+    return z
+
+
+# -- unchecked ids (validate_ids=False, torch.compile): outside [0, S) means base only ------------------
+
+
+@pytest.mark.parametrize("bad", [-2, -7, S, S + 5])
+def test_unchecked_out_of_range_ids_are_base_only(bad, path_device):
+    """validate_ids=False / torch.compile pass ids unchecked: every id outside [0, S) is -1 on
+    both paths, forward and backward (the reference read slot S-2 for -2 and raised
+    IndexError for -7 and S; the kernels' backward raised IndexError for ids >= S)."""
+    ids = [0, bad, 1, -1, 3, bad, 2, 0, bad]
+    inputs = mixed_inputs(ids, device=path_device)
+    leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
+    y, _ = mixed_adapter_linear_op(*leaves, True)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(path_device)
+    grads = torch.autograd.grad(y, leaves[:7], gy)
+    want, want_grads = mixed_oracle(inputs, gy)
+    assert_close("y", want, y.detach().cpu())
+    rows = [i for i, s in enumerate(ids) if s == bad]
+    x64, w64, b64 = (t.detach().cpu().double() for t in inputs[:3])
+    assert_close("out-of-range rows", x64[rows] @ w64.t() + b64, y.detach().cpu()[rows])
+    for name, g, wg in zip(("dx", "dW", "db", "dA", "da", "dB", "dc"), grads, want_grads):
+        assert_close(name, wg, g.cpu())
+    assert not grads[3][2].any() and not grads[5][2].any(), "no row uses slot 2 (rank 0): it gets no gradient"
+
+
+def test_a_non_finite_scale_of_an_unused_slot_does_not_reach_gradients(path_device):
+    """Base-only rows were mapped to slot 0 in the kernels' backward, and 0·inf made its da, dc NaN."""
+    inputs = mixed_inputs([1, -1, 3, -2, -1], device=path_device)
+    inputs[7][0] = float("inf")
+    leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
+    y, _ = mixed_adapter_linear_op(*leaves, True)
+    grads = torch.autograd.grad(y, leaves[:7], torch.ones_like(y))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert not any(g[0].any() for g in grads[3:])
+
+
+def test_the_reference_ignores_out_of_range_ids_as_the_kernels_do():
+    """The float64 oracle itself: ids -2, -7, S, S+5 give the same result as -1."""
+    ids = [0, -2, S, 1, -7, S + 5]
+    inputs = [t.double() if t.is_floating_point() else t for t in mixed_inputs(ids)]
+    clean = torch.tensor([0, -1, -1, 1, -1, -1], dtype=torch.int32)
+    got = mixed_reference.mixed_adapter_linear_ref(*inputs)
+    assert torch.equal(got, mixed_reference.mixed_adapter_linear_ref(*inputs[:10], clean))
+    x, w, _, a_all, a_bias, b_all, _, scales, ranks, acts, ids = inputs
+    dy, needs = torch.ones_like(got), [True] * 7
+    backward = mixed_reference.mixed_adapter_linear_backward
+    for g, want in zip(backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, ids, needs),
+                       backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, clean, needs)):
+        assert torch.equal(g, want)
+
+
+# -- real and fake (torch.library) outputs agree, on both paths -----------------------------------------
+
+
+@pytest.mark.parametrize("need_z", [True, False], ids=["need_z", "no_z"])
+def test_opcheck_mixed_forward_and_z_on_both_paths(need_z, path_device):
+    """The reference path returned z = [0] where the fake (and the kernels) give [M, R]."""
+    inputs = mixed_inputs([0, 1, -1, 3, 3, 2, 0, S, -2], device=path_device)
+    inputs[3], inputs[5] = transposed_storage(inputs[3]), transposed_storage(inputs[5])
+    args = [t.requires_grad_(need_z) if i < 7 else t for i, t in enumerate(inputs)]
+    torch.library.opcheck(mixed_adapter_linear_op, (*args, need_z))
+    y, z = mixed_adapter_linear_op(*args, need_z)
+    assert y.shape == (9, N) and y.dtype == torch.float32 and y.is_contiguous()
+    assert z.dtype == torch.float32 and z.shape == ((9, R) if need_z else (0,))
+    if need_z:  # the same z on both paths: what the kernels store
+        assert_close("z", oracle_z(inputs), z.detach().cpu())
+
+
+def test_opcheck_mixed_backward_on_both_paths(path_device):
+    """Gradients of A and B come back contiguous (as the fake says) even for A, B laid out transposed."""
+    inputs = mixed_inputs([0, 1, -1, 3, 3, 2, 0, S, -2], device=path_device)
+    inputs[3], inputs[5] = transposed_storage(inputs[3]), transposed_storage(inputs[5])
+    _, z = mixed_adapter_linear_op(*inputs, True)
+    dy = torch.randn(9, N, generator=torch.Generator().manual_seed(2)).to(path_device)
+    for needs in ([True] * 7, [False, False, False, True, False, True, True]):
+        torch.library.opcheck(mixed_adapter_linear_backward_op, (dy, *inputs, z, needs))
+        grads = mixed_adapter_linear_backward_op(dy, *inputs, z, needs)
+        for g, t, need in zip(grads, inputs, needs):
+            assert g.shape == (t.shape if need else (0,)) and g.is_contiguous()
+
+
+def test_inductor_compiles_a_differentiable_mixed_batch_on_the_reference_path(monkeypatch):
+    """torch.compile(backend="inductor") failed in assert_size_stride on the reference path's z;
+    its ids are not checked under compile, so the out-of-range ones must be base only."""
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    ids = [0, 1, -1, 3, 2, S, -2, 0]
+    inputs = mixed_inputs(ids)
+    leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
+
+    def loss(*ts):
+        y, _ = mixed_adapter_linear_op(*ts, True)
+        return y.relu().square().sum()
+
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves[:7])
+    eager = loss(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves[:7])
+    torch.testing.assert_close(out, eager)
+    leaves64 = [t.detach().double().requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
+    leaves64[7] = leaves64[7].double()
+    leaves64[10] = torch.where((inputs[10] >= 0) & (inputs[10] < S), inputs[10], -1)
+    y64 = mixed_reference.mixed_adapter_linear_ref(*leaves64)
+    grads64 = torch.autograd.grad(y64.relu().square().sum(), leaves64[:7])
+    for name, g, eg, g64 in zip(("dx", "dW", "db", "dA", "da", "dB", "dc"), grads, eager_grads, grads64):
+        torch.testing.assert_close(g, eg, msg=name)
+        assert_close(name, g64, g)
