@@ -67,10 +67,12 @@ class LoraAdapter(nn.Module):
 
     @property
     def rank(self) -> int:
+        """r, under the name every other adapter uses."""
         return self.r
 
     @property
     def scale(self) -> float:
+        """Semantics: alpha / r (alpha / √r with rsLoRA)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -105,6 +107,7 @@ class BottleneckAdapter(nn.Module):
 
     @property
     def rank(self) -> int:
+        """The bottleneck width: down_weight's rows."""
         return self.down_weight.shape[0]
 
     def extra_repr(self) -> str:
@@ -308,8 +311,9 @@ class AdapterLinear(nn.Linear):
 
     def forward(self, x: Tensor, adapter_ids=None) -> Tensor:
         """Semantics: y = x·Wᵀ + b + the active adapter's term; with ``adapter_ids``, row i uses
-        the adapter in slot ``adapter_ids[i]`` (see :attr:`adapter_slots`; -1 or a free slot:
-        base only).
+        the adapter in slot ``adapter_ids[i]`` (see :attr:`adapter_slots`; -1, or a free slot
+        below the highest used one: base only; an id above it is refused in eager mode and, unchecked,
+        runs the base).
 
         Shapes: x [..., in_features]; adapter_ids (a tensor on x's device, or a list of ints)
         [rows], shaped like x's leading dims, or, for x [B, T, in], [B] (one per sequence) ->
@@ -455,6 +459,7 @@ def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
     layers = [m for m in module.modules() if isinstance(m, AdapterLinear)]
     if not layers:
         raise ValueError(f"{type(module).__name__} holds no AdapterLinear layers")
+    layers = [m for m in layers if m.adapters]  # a layer without adapters runs its base as it is
     if isinstance(names, str) or not all(n is None or isinstance(n, str) for n in names):
         raise TypeError(f"names must be a sequence of adapter names or None, got {names!r}")
     known = set().union(*(m.adapters.keys() for m in layers))

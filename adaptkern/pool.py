@@ -14,6 +14,8 @@ from .ops.mixed_adapter_linear import SlotStack
 class AdapterPool:
     """Fixed-size storage of ``num_slots`` adapters for [out_features, in_features] layers.
 
+    Semantics: slot s adds scale_s·(f_s(x·A_sᵀ + a_s)·B_sᵀ + c_s) to the rows whose adapter id
+    is s (see :func:`adaptkern.mixed_adapter_linear`); an empty slot (rank 0) adds nothing.
     Each slot holds (A [R_max, K], a [R_max], B [N, R_max], c [N], scale, rank, activation):
     a LoRA adapter (a = c = 0, identity), a parallel bottleneck (A = D), or a sequential
     bottleneck with its down-projection folded through the base (A = D·W, a = D·b + d).
@@ -54,10 +56,12 @@ class AdapterPool:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The adapter tensors' dtype."""
         return self.down_weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device every pool tensor lives on."""
         return self.down_weight.device
 
     def _slot(self, slot) -> int:

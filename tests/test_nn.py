@@ -277,3 +277,22 @@ def test_adapter_ids_are_stable_slots():
         with adaptkern.adapter_batch(m, ["c", None, "a"]):
             by_name = m(x)
         assert torch.equal(by_name, m(x, [2, -1, 0]))
+
+
+def test_adapter_batch_runs_the_base_on_layers_without_adapters():
+    """adapter_batch over a model where some patched layers hold no adapter (or lost their
+    last one): those layers run their base, the others the named adapters."""
+    torch.manual_seed(0)
+    first, second = adaptkern.AdapterLinear(9, 7), adaptkern.AdapterLinear(7, 5)
+    nn.init.normal_(first.add_lora("t", r=2, alpha=2).lora_B)
+    model = nn.Sequential(first, second)
+    x = torch.randn(2, 9)
+    with torch.no_grad():
+        with adaptkern.adapter_batch(model, ["t", None]):
+            y = model(x)
+        first.set_adapter("t")
+        want_t = model(x[:1])
+        first.set_adapter(None)
+        want_base = model(x[1:])
+    assert_close("adapter row", want_t[0].double(), y[0])
+    assert_close("base row", want_base[0].double(), y[1])

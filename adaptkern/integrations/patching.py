@@ -38,8 +38,6 @@ class Conv1DAdapter(AdapterLinear):
     ``.weight`` attribute returns its ``[out, in]`` transpose (a free strided view), which
     is the ``nn.Linear`` contract the fused kernels, ``merge`` and every other reader rely
     on; assigning a Parameter to ``.weight`` stores an ``[in, out]`` one, as on Conv1D.
-    Each read makes a new view object, so caches keyed on tensor identity (the sequential
-    bottleneck's fold cache) rely on the shared version counter to see updates.
     """
 
     @property
@@ -213,8 +211,12 @@ def _check_new_adapter(model: nn.Module, names: list[str], name: str) -> None:
 
 
 def set_adapter(model: nn.Module, name: Optional[str]) -> None:
-    """Make adapter ``name`` active on every layer that has it, base-only on every other layer;
-    None: base only everywhere. Raises ValueError if no layer has ``name``."""
+    """Select the model's active adapter.
+
+    Semantics: every AdapterLinear holding ``name`` runs it; every other layer runs its base
+    (as PEFT does for modules an adapter does not target); None: base only everywhere. A
+    merged layer unmerges first (see :meth:`AdapterLinear.set_adapter`). Raises ValueError if
+    no layer has ``name``."""
     holders = _require_adapter(model, name) if name is not None else {}
     for n, m in adapter_modules(model).items():
         m.set_adapter(name if n in holders else None)
@@ -223,6 +225,8 @@ def set_adapter(model: nn.Module, name: Optional[str]) -> None:
 def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
     """The Parameters of adapter ``name`` across the model (of every adapter when None), for an optimizer.
 
+    Semantics: per layer holding it, LoRA's ``lora_A [r, in]``, ``lora_B [out, r]`` or a
+    bottleneck's ``down_weight``, ``down_bias``, ``up_weight``, ``up_bias``, in module order.
     Raises ValueError if ``name`` is given and no layer has it.
     """
     modules = _require_adapter(model, name) if name is not None else adapter_modules(model)
