@@ -7,13 +7,6 @@ call it directly, as ``adaptkern check`` and the benchmarks do.
 import torch
 
 from adaptkern.ops.adapter_linear import reference
-from adaptkern.testing import assert_close
-
-
-def assert_close_to_ref(name, out, ref64, eager=None):
-    """``adaptkern.testing.assert_close`` with ``out`` before ``ref``, for callers written against
-    this order (tests/test_properties.py). New tests call ``assert_close`` directly."""
-    return assert_close(name, ref64, out, eager)
 
 
 def make_inputs(m, k, n, r, dtype, device="cpu", *, bias=True, adapter_bias=True, seed=0):

@@ -13,7 +13,7 @@ out below in plain torch and evaluated in float64:
 
 on the kernel path (the Triton interpreter on CPU, the GPU when there is one) and on the
 PyTorch reference path (CPU with the interpreter switched off). Tolerance: the tolerance rule via
-``helpers.assert_close_to_ref``: the error may be at most 2× that of the same formula run
+``adaptkern.testing.assert_close``: the error may be at most 2× that of the same formula run
 eagerly in the test dtype, plus a small atol relative to the output's magnitude.
 
 Profiles (tests/conftest.py): "ci", the default (derandomized: a fixed seed), and "long":
@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import adaptkern
 from adaptkern.ops import config
 
-from .helpers import assert_close_to_ref
+from adaptkern.testing import assert_close
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter runs a kernel 10-100x slower than reference.py: the kernel path gets a quarter of the
@@ -174,13 +174,13 @@ def differential(label, formula, tensors, wrt, got_y, got_grads=None, gy=None, *
     eagers = [run(lambda t: t)] + ([run(lambda t: t, fold=True)] if folds else [])
     assert got_y.dtype == next(t for t in tensors.values() if t is not None).dtype, f"{label}: y dtype {got_y.dtype}"
     got_y = got_y.detach().cpu()
-    assert_close_to_ref(f"{label}: y", got_y, oracle_y, _allowance(path, got_y, oracle_y, [e[0] for e in eagers]))
+    assert_close(f"{label}: y", oracle_y, got_y, _allowance(path, got_y, oracle_y, [e[0] for e in eagers]))
     for k in wrt:
         g = got_grads.get(k)
         assert g is not None, f"{label}: no gradient reached {k}"
         g = g.detach().cpu()
         allowance = _allowance(path, g, oracle_g[k], [e[1][k] for e in eagers])
-        assert_close_to_ref(f"{label}: d{k}", g, oracle_g[k], allowance)
+        assert_close(f"{label}: d{k}", oracle_g[k], g, allowance)
 
 
 def grads_of(y, named, gy):
@@ -483,7 +483,7 @@ def _mixed_lora_linear(path, case):
         y64 = formula(**{nm: None if t is None else t.detach().cpu().double() for nm, t in named.items()},
                       scales_t=sc64)
         (want,) = torch.autograd.grad(y64, [sc64], gy.cpu().double())
-        assert_close_to_ref("dscales", g_scales.detach().cpu().to(want.dtype), want)
+        assert_close("dscales", want, g_scales.detach().cpu().to(want.dtype))
 
 
 @given(case=mixed_cases())
