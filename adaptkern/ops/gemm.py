@@ -113,6 +113,24 @@ def _dual_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+# Operands the JIT cannot prove 16-byte aligned are loaded through registers, not cp.async: it
+# specialises an integer stride only when it is divisible by 16 (K = 1000 is not), and a base
+# address only when 16-byte aligned. At 128×128 tiles with 3 stages the dX launch then spills
+# (16/8 B per thread at K = 1000, bf16); 128×64 tiles with 2 stages do not (236 registers).
+UNALIGNED_STAGES, UNALIGNED_BLOCK_N = 2, 64
+
+
+def _aligned(*operands) -> bool:
+    """Whether the JIT can prove every given operand 16-byte aligned: base address a multiple of
+    16 bytes, every non-unit stride a multiple of 16 elements."""
+    for t in operands:
+        if t is None:
+            continue
+        if t.data_ptr() % 16 or any(st != 1 and st % 16 for st in t.stride()):
+            return False
+    return True
+
+
 def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
          epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
          drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False):
@@ -129,6 +147,9 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
     if m == 0 or n == 0:
         return out
     cfg = config.gemm_config(m, n, elem_size(dot_dtype), device=out.device)
+    if not _aligned(p1, q1, p2, q2):
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, UNALIGNED_STAGES),
+                           block_n=min(cfg.block_n, UNALIGNED_BLOCK_N))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits = 1
     if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
