@@ -4,9 +4,36 @@ The tolerance rule is ``adaptkern.testing`` (``assert_close(name, ref, out, eage
 call it directly, as ``adaptkern check`` and the benchmarks do.
 """
 
+import contextlib
+from collections import Counter
+
 import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from adaptkern.ops.adapter_linear import reference
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Count Triton kernel launches by kernel name, compiled (CUDA) or interpreted: proof that a
+    comparison ran adaptkern's fused kernels, not a silent fallback to eager or PEFT's own layer."""
+    launches = Counter()
+    patched = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
+
+    def counting(run):
+        def wrapper(self, *args, **kwargs):
+            launches[self.fn.__name__ if hasattr(self, "fn") else self.__name__] += 1
+            return run(self, *args, **kwargs)
+        return wrapper
+
+    for cls, run in patched:
+        cls.run = counting(run)
+    try:
+        yield launches
+    finally:
+        for cls, run in patched:
+            cls.run = run
 
 
 def make_inputs(m, k, n, r, dtype, device="cpu", *, bias=True, adapter_bias=True, seed=0):

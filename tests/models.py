@@ -12,7 +12,10 @@ from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMod
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
+from adaptkern.nn import AdapterLinear
 from adaptkern.testing import assert_close
+
+from .helpers import count_launches
 
 DEC = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None)
@@ -73,12 +76,18 @@ def randomize_lora_b(model, std=0.1):
 
 def outputs_match_peft(pm, ours, arch="llama"):
     """``ours`` (adaptkern) gives PEFT's logits under the tolerance rule: against PEFT in float64,
-    at most twice PEFT-in-float32's error (plus atol)."""
+    at most twice PEFT-in-float32's error (plus atol); every layer running an adapter launched
+    adaptkern's kernels (no silent fallback)."""
     inputs = model_inputs(arch)
+    adapted = [m for m in ours.modules() if isinstance(m, AdapterLinear)
+               and m.active_adapter is not None and m.active_adapter != m.merged_adapter]
     with torch.no_grad():
-        out, out32 = ours(**inputs).logits, pm(**inputs).logits
+        with count_launches() as launches:
+            out = ours(**inputs).logits
+        out32 = pm(**inputs).logits
         out64 = copy.deepcopy(pm).double()(**inputs).logits
     assert_close("logits", out64.double(), out, out32)
+    assert sum(launches.values()) >= len(adapted), (len(adapted), launches)
 
 
 def edit_peft_config(path, **changes):

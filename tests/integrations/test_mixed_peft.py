@@ -8,6 +8,8 @@ import torch
 
 import adaptkern
 
+from ..helpers import count_launches
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -52,13 +54,14 @@ def test_mixed_batch_logits_match_peft():
     names = ["task_x", None, "task_y", "task_x"]
     with torch.no_grad():
         want = model(input_ids, adapter_names=[n or "__base__" for n in names]).logits
-        with adaptkern.adapter_batch(ours, names):
+        with adaptkern.adapter_batch(ours, names), count_launches() as launches:
             got = ours(input_ids).logits
         base = model.get_base_model()
         with model.disable_adapter():
             base_logits = base(input_ids).logits
     assert (want - base_logits).abs().amax() > 1e-2, "the adapters must change the logits"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert launches["_mixed_adapter_linear_kernel"] > 0, launches  # the fused mixed path ran
 
 
 def test_mixed_batch_generate_matches_peft():
@@ -68,9 +71,10 @@ def test_mixed_batch_generate_matches_peft():
     with torch.no_grad():
         want = model.generate(input_ids=input_ids, adapter_names=[n or "__base__" for n in names], max_new_tokens=4,
                               do_sample=False)
-        with adaptkern.adapter_batch(ours, names):
+        with adaptkern.adapter_batch(ours, names), count_launches() as launches:
             got = ours.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+    assert launches["_mixed_adapter_linear_kernel"] > 0, launches
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=2, do_sample=False, max_new_tokens=4),
