@@ -15,7 +15,6 @@ from torch import Tensor
 
 from . import validation as check
 from .functional import any_requires_grad, autocast_input, flatten_rows
-from .ops.mixed_adapter_linear import reference as mixed_reference
 from .ops.common import acc_dtype
 from .ops.mixed_adapter_linear import mixed_adapter_linear_op
 from .ops.mixed_adapter_linear import SlotStack
@@ -24,15 +23,9 @@ from .pool import AdapterPool
 
 def run_mixed(x2: Tensor, weight: Tensor, bias: Optional[Tensor], stack: SlotStack, ids: Tensor) -> Tensor:
     """The one launch path of mixed batches: y [M, N] from ``adaptkern::mixed_adapter_linear``
-    (tensors already checked and in x's dtype), or, for K = 0 (x·Wᵀ and x·A_sᵀ vanish), from
-    the differentiable reference loop with out-of-range ids as -1, as the kernels treat them."""
+    (tensors already checked and in x's dtype)."""
     need_z = any_requires_grad(x2, weight, bias, stack.down_weight, stack.down_bias, stack.up_weight, stack.up_bias)
-    if x2.shape[1]:
-        return mixed_adapter_linear_op(x2, weight, bias, *stack, ids, need_z)[0]
-    ids = torch.where((ids >= 0) & (ids < stack.down_weight.shape[0]), ids, -1)
-    acc = acc_dtype(x2.dtype)
-    cast = [None if t is None else t.to(acc) for t in (x2, weight, bias, *stack[:4])]
-    return mixed_reference.mixed_adapter_linear_ref(*cast, *stack[4:], ids).to(x2.dtype)
+    return mixed_adapter_linear_op(x2, weight, bias, *stack, ids, need_z)[0]
 
 
 def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, validate_ids=True):
