@@ -15,6 +15,7 @@ from . import validation as check
 from .functional import any_requires_grad, autocast_input, bottleneck_linear, lora_linear
 from .mixed import run_mixed
 from .ops import common
+from .ops.adapter_linear import reference
 from .ops.common import ACT_CODES
 from .ops.mixed_adapter_linear import SlotStack
 
@@ -354,9 +355,8 @@ class AdapterLinear(nn.Linear):
         if x.shape[:-1].numel() >= 8 * r or any_requires_grad(x, *params):
             return bottleneck_linear(x, *params, scale=adapter.scale, activation=adapter.activation)
         x = autocast_input(x)
-        w, b, d_w, d_b, u_w, u_b = (None if t is None else t.to(x.dtype) for t in params)
-        h = F.linear(x, w, b)
-        return h + adapter.scale * F.linear(common.activation(F.linear(h, d_w, d_b), adapter.activation), u_w, u_b)
+        return reference.bottleneck_linear_ref(x, *(None if t is None else t.to(x.dtype) for t in params),
+                                               adapter.scale, adapter.activation, "sequential")
 
     def _slot_tensors(self, adapter, r_max: int):
         """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one slot, padded
