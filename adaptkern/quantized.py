@@ -1,0 +1,181 @@
+"""QLoRA: LoRA on a bitsandbytes 4-bit (NF4 or FP4) frozen weight, dequantized tile by tile inside
+the fused kernels (``adaptkern::quantized_lora_linear``); W never exists in 16 or 32 bits.
+
+bitsandbytes is optional: nothing here imports it. :class:`QuantizedWeight` reads a
+``Params4bit`` and its ``QuantState`` by their attributes (duck typing) into plain tensors, and
+the op needs only those tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import validation as check
+from .functional import any_requires_grad, autocast_input, flatten_rows
+from .ops.config import ONEPASS_MAX_RANK
+from .ops.quantized_lora_linear import NESTED_BLOCKSIZE, QUANT_TYPES, ROUTES, code_table, quantized_lora_linear_op
+
+# The block sizes bitsandbytes quantizes with; the kernels read every one of them exactly.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _code(quant_type: str, device: torch.device) -> Tensor:
+    return code_table(quant_type, device)
+
+
+class QuantizedWeight(NamedTuple):
+    """A bitsandbytes 4-bit weight ``W [N, K]`` as plain tensors (the layout is in
+    ``adaptkern/ops/quantized_lora_linear/reference.py``).
+
+    Shapes: data uint8 [⌈N·K/2⌉] (two codes per byte, first in the high nibble), absmax
+    [B = ⌈N·K/blocksize⌉] float32, or uint8 when double-quantized, with nested_absmax
+    [⌈B/256⌉] float32, nested_code [256] float32 and offset [1] float32; code [16] float32.
+    ``dtype`` is the dtype bitsandbytes dequantizes to (the weight's before quantization).
+    """
+
+    data: Tensor
+    absmax: Tensor
+    code: Tensor
+    shape: tuple
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype
+    nested_absmax: Optional[Tensor] = None
+    nested_code: Optional[Tensor] = None
+    offset: Optional[Tensor] = None
+
+    @classmethod
+    def from_bnb(cls, weight, quant_state=None) -> "QuantizedWeight":
+        """Read a bitsandbytes ``Params4bit`` (or its packed tensor plus ``quant_state``, a
+        ``QuantState``); shares the tensors, copies nothing but the 16-entry code table.
+
+        Errors: ValueError for a ``Params4bit`` not yet quantized, a missing quant state, or a
+        quant state that does not match the packed data (shape, byte count, absmax count);
+        NotImplementedError naming what adaptkern cannot read exactly: a quant type other than
+        nf4/fp4, a block size outside 32…4096, a nested block size other than 256, a dtype
+        other than fp16/bf16/fp32, the CPU-repacked layout (``packing_format_for_cpu``) or a
+        non-contiguous storage.
+        """
+        if not isinstance(weight, Tensor):
+            raise TypeError("weight must be a packed 4-bit tensor (bitsandbytes Params4bit), "
+                            f"got {type(weight).__name__}")
+        if getattr(weight, "bnb_quantized", True) is False:
+            raise ValueError("weight is a Params4bit that is not quantized yet (bnb_quantized=False): move the "
+                             "module to its device (.to(device) or .cuda()) so bitsandbytes quantizes it")
+        qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+        if qs is None:
+            raise ValueError("no quant state: pass quant_state= (a bitsandbytes QuantState) or a Params4bit "
+                             "that has one")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise NotImplementedError("quant state in bitsandbytes' CPU-repacked layout (packing_format_for_cpu): "
+                                      "adaptkern reads the standard packed layout only")
+        quant_type = getattr(qs, "quant_type", None)
+        if quant_type not in QUANT_TYPES:
+            raise NotImplementedError(f"quant type {quant_type!r}: adaptkern reads {QUANT_TYPES}")
+        blocksize = getattr(qs, "blocksize", None)
+        if blocksize not in BLOCKSIZES or isinstance(blocksize, bool):
+            raise NotImplementedError(f"block size {blocksize!r}: adaptkern reads {BLOCKSIZES}")
+        if qs.dtype not in WEIGHT_DTYPES:
+            raise NotImplementedError(f"quant state dtype {qs.dtype}: adaptkern reads {WEIGHT_DTYPES}")
+        shape = tuple(qs.shape) if qs.shape is not None else ()
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"quant state shape must be [N, K] with N, K >= 1, got {shape}")
+        data = weight.data if hasattr(weight, "data") else weight
+        if data.dtype != torch.uint8:
+            if not data.is_contiguous():
+                raise NotImplementedError(f"non-contiguous {data.dtype} storage of a packed weight {tuple(data.shape)}")
+            data = data.view(torch.uint8)
+        data = data.reshape(-1)
+        n, k = shape
+        if data.numel() != (n * k + 1) // 2:
+            raise ValueError(f"quant state shape {shape} needs {(n * k + 1) // 2} packed bytes, the weight has "
+                             f"{data.numel()}")
+        blocks = -(-n * k // blocksize)
+        nested = getattr(qs, "state2", None) is not None
+        absmax = qs.absmax.reshape(-1)
+        if absmax.numel() != blocks:
+            raise ValueError(f"quant state absmax has {absmax.numel()} entries; shape {shape} in blocks of "
+                             f"{blocksize} needs {blocks}")
+        device = data.device
+        if not nested:
+            return cls(data, absmax.float(), _code(quant_type, device), shape, blocksize, quant_type, qs.dtype)
+        state2 = qs.state2
+        if state2.blocksize != NESTED_BLOCKSIZE:
+            raise NotImplementedError(f"nested block size {state2.blocksize}: adaptkern reads {NESTED_BLOCKSIZE}")
+        if absmax.dtype != torch.uint8:
+            raise NotImplementedError(f"double-quantized absmax stored as {absmax.dtype}: adaptkern reads uint8")
+        nested_absmax = state2.absmax.reshape(-1).float()
+        nested_code = state2.code.reshape(-1).float()
+        want = -(-blocks // NESTED_BLOCKSIZE)
+        if nested_absmax.numel() != want or nested_code.numel() != 256:
+            raise ValueError(f"nested quant state: absmax has {nested_absmax.numel()} entries (need {want}), code "
+                             f"{nested_code.numel()} (need 256)")
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=device).reshape(1)
+        return cls(data, absmax, _code(quant_type, device), shape, blocksize, quant_type, qs.dtype, nested_absmax,
+                   nested_code, offset)
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def qlora_linear(x, weight, quant_state, bias, lora_a, lora_b, *, scale=1.0, dropout=0.0, route="auto"):
+    """Fused LoRA on a bitsandbytes 4-bit weight (QLoRA).
+
+    Semantics: y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ, W = dequantize_4bit(weight,
+    quant_state) cast to x's dtype (bit-equal to bitsandbytes' values), dequantized inside
+    the kernels.
+
+    Shapes: x [..., K]; weight a ``Params4bit`` (``quant_state`` None: its own), a packed
+    tensor with ``quant_state`` a ``QuantState`` for W [N, K], or a :class:`QuantizedWeight`
+    (``quant_state`` None); bias [N] | None; lora_a [r, K]; lora_b [N, r] -> y [..., N] in x's
+    dtype. Gradients flow to x, bias, lora_a and lora_b; W is frozen. Dropout (p > 0) applies
+    to the adapter branch's x only.
+
+    Errors: as :meth:`QuantizedWeight.from_bnb` for the weight; TypeError/ValueError naming
+    the argument and the shapes for x, bias, lora_a, lora_b, scale, dropout and route, all
+    raised before any computation.
+    """
+    if isinstance(weight, QuantizedWeight):
+        if quant_state is not None:
+            raise ValueError("quant_state must be None when weight is a QuantizedWeight (it carries its own)")
+        qw = weight
+    else:
+        qw = QuantizedWeight.from_bnb(weight, quant_state)
+    n, k = qw.shape
+    check.tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x's last dim must equal the weight's K: x {tuple(x.shape)}, weight [N, K] = {qw.shape}")
+    check.tensor("bias", bias, 1, optional=True)
+    check.tensor("lora_a", lora_a, 2)
+    check.tensor("lora_b", lora_b, 2)
+    r = lora_a.shape[0]
+    check.shape("bias", bias, (n,), "N of the weight")
+    check.shape("lora_a", lora_a, (r, k), "[r, K], K of x and the weight")
+    check.shape("lora_b", lora_b, (n, r), "[N, r], N of the weight, r of lora_a")
+    if r < 1:
+        raise ValueError(f"the adapter rank must be at least 1, got lora_a {tuple(lora_a.shape)}")
+    check.same_device(dict(x=x, weight=qw.data, bias=bias, lora_a=lora_a, lora_b=lora_b))
+    scale = check.real("scale", scale)
+    dropout = check.dropout("dropout", dropout)
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "onepass" and r > 2 * ONEPASS_MAX_RANK:
+        raise ValueError(f"route='onepass' supports r <= {2 * ONEPASS_MAX_RANK}, got r={r}")
+
+    x = autocast_input(x)
+    bias, lora_a, lora_b = (None if t is None else t.to(x.dtype) for t in (bias, lora_a, lora_b))
+    x2, lead = flatten_rows(x)
+    seed = None
+    if dropout > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    y, _ = quantized_lora_linear_op(x2, qw.data, qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset, qw.code, n,
+                                    qw.blocksize, qw.dtype, bias, lora_a, lora_b, scale, dropout, seed,
+                                    any_requires_grad(x, bias, lora_a, lora_b), route)
+    return y.reshape(*lead, n)
