@@ -3,116 +3,36 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import validation as check
+from .adapters import BottleneckAdapter, LoraAdapter, bottleneck_arguments, lora_arguments
 from .functional import any_requires_grad, autocast_input, bottleneck_linear, lora_linear
 from .mixed import run_mixed
 from .ops import common
 from .ops.adapter_linear import reference
 from .ops.common import ACT_CODES
 from .ops.mixed_adapter_linear import SlotStack
+from .pool import AdapterPool
+
+__all__ = ["AdapterLinear", "BottleneckAdapter", "LoraAdapter", "adapter_batch", "bottleneck_arguments",
+           "lora_arguments"]
 
 
-def lora_arguments(r, alpha=None, dropout=0.0, use_rslora=False, *, lora_alpha=None, lora_dropout=None) -> dict:
-    """Check LoRA arguments (TypeError/ValueError naming each) -> {r, alpha, dropout, use_rslora}.
+class _PoolBinding(NamedTuple):
+    """What forward runs without adapter_ids: row i uses slot ids[i] of ``pool`` (None: base only,
+    every row); ``ready`` a CUDA event the slots' writes recorded; ``live`` when the layer's own
+    parameters (read live, by the restacking path) take over in training or when gradients flow."""
 
-    ``lora_alpha`` / ``lora_dropout`` are PEFT's names for ``alpha`` / ``dropout``; giving both
-    spellings of one is a TypeError. alpha None means alpha = r.
-    """
-    if lora_alpha is not None:
-        if alpha is not None:
-            raise TypeError(f"give alpha or lora_alpha (PEFT's name for it), not both: alpha={alpha!r}, "
-                            f"lora_alpha={lora_alpha!r}")
-        alpha = check.real("lora_alpha", lora_alpha)
-    if lora_dropout is not None:
-        if dropout != 0.0:
-            raise TypeError(f"give dropout or lora_dropout (PEFT's name for it), not both: dropout={dropout!r}, "
-                            f"lora_dropout={lora_dropout!r}")
-        dropout = check.dropout("lora_dropout", lora_dropout)
-    r = check.positive_int("r", r)
-    return dict(r=r, alpha=float(r) if alpha is None else check.real("alpha", alpha),
-                dropout=check.dropout("dropout", dropout), use_rslora=bool(use_rslora))
-
-
-def bottleneck_arguments(rank, activation="relu", placement="sequential", scale=1.0) -> dict:
-    """Check bottleneck arguments (TypeError/ValueError naming each) -> {rank, activation, placement, scale}."""
-    return dict(rank=check.positive_int("rank", rank), activation=check.activation(activation),
-                placement=check.placement(placement), scale=check.real("scale", scale))
-
-
-class LoraAdapter(nn.Module):
-    """LoRA weights of one adapter: ``lora_A [r, in]`` (Kaiming-uniform), ``lora_B [out, r]`` (zeros).
-
-    Semantics: adds scale·(dropout(x)·Aᵀ)·Bᵀ, scale = alpha/r (alpha/√r with rsLoRA).
-    Arguments as :func:`lora_arguments`.
-    """
-
-    kind = "lora"
-
-    def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, use_rslora=False, *,
-                 lora_alpha=None, lora_dropout=None, device=None, dtype=None):
-        super().__init__()
-        args = lora_arguments(r, alpha, dropout, use_rslora, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        self.r, self.alpha, self.dropout = args["r"], args["alpha"], args["dropout"]
-        self.use_rslora = args["use_rslora"]
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: B = 0, so no change until trained
-
-    @property
-    def rank(self) -> int:
-        """r, under the name every other adapter uses."""
-        return self.r
-
-    @property
-    def scale(self) -> float:
-        """Semantics: alpha / r (alpha / √r with rsLoRA)."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Semantics: scale·B·A [out, in], computed in ``dtype``."""
-        return self.scale * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, rslora={self.use_rslora}"
-
-
-class BottleneckAdapter(nn.Module):
-    """Bottleneck adapter weights: ``down_weight [rank, N | K]``, ``down_bias [rank]``,
-    ``up_weight [N, rank]`` and ``up_bias [N]`` (both zeros at creation).
-
-    Semantics: sequential adds scale·(f(h·Dᵀ + d)·Uᵀ + u) to h = x·Wᵀ + b; parallel reads x.
-    Arguments as :func:`bottleneck_arguments`.
-    """
-
-    kind = "bottleneck"
-
-    def __init__(self, in_features, out_features, rank, activation="relu", placement="sequential", scale=1.0, *,
-                 device=None, dtype=None):
-        super().__init__()
-        args = bottleneck_arguments(rank, activation, placement, scale)
-        self.activation, self.placement, self.scale = args["activation"], args["placement"], args["scale"]
-        reads = out_features if self.placement == "sequential" else in_features
-        down = nn.Linear(reads, args["rank"], device=device, dtype=dtype)
-        self.down_weight = nn.Parameter(down.weight.detach())
-        self.down_bias = nn.Parameter(down.bias.detach())
-        self.up_weight = nn.Parameter(torch.zeros(out_features, args["rank"], device=device, dtype=dtype))
-        self.up_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-
-    @property
-    def rank(self) -> int:
-        """The bottleneck width: down_weight's rows."""
-        return self.down_weight.shape[0]
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, activation={self.activation}, placement={self.placement}, scale={self.scale:g}"
+    pool: Optional[AdapterPool]
+    ids: Optional[Tensor]
+    ready: Optional[object]
+    live: bool
 
 
 class AdapterLinear(nn.Linear):
@@ -137,7 +57,9 @@ class AdapterLinear(nn.Linear):
         self._active: Optional[str] = None
         self._merged: Optional[str] = None
         self._slots: dict[str, int] = {}  # adapter name -> slot index (what adapter_ids name)
-        self._batch_ids: Optional[Tensor] = None  # set by adapter_batch
+        self._batch_ids: Optional[Tensor] = None  # set by adapter_batch: slot ids for the live path
+        self._batch_pool: Optional[_PoolBinding] = None  # set by adapter_batch and serving()
+        self._snapshot: Optional[AdapterPool] = None  # adapter_batch's pool, reused between blocks
         self._slot_meta = None  # cache of _slot_metadata
 
     @classmethod
@@ -320,6 +242,9 @@ class AdapterLinear(nn.Linear):
         [rows], shaped like x's leading dims, or, for x [B, T, in], [B] (one per sequence) ->
         y [..., out_features]. Ids on another device than x: ValueError naming both.
         """
+        bound = self._batch_pool
+        if adapter_ids is None and bound is not None and not (bound.live and self._needs_live(bound)):
+            return self._pooled_forward(x, bound)
         if adapter_ids is None:
             adapter_ids = self._batch_ids
         if adapter_ids is not None:
@@ -402,14 +327,13 @@ class AdapterLinear(nn.Linear):
                                      torch.tensor(values[2], dtype=torch.int32, device=device)))
         return self._slot_meta[1]
 
-    def _mixed_ids(self, x: Tensor, adapter_ids) -> Tensor:
-        """adapter_ids as one slot per row of x: ids from :func:`adapter_batch` are expanded for
-        generate's repeat_interleave (beams, num_return_sequences); for x [B, T, ...], one id per
-        sequence is repeated over its tokens."""
+    def _mixed_ids(self, x: Tensor, adapter_ids, num_slots: int, from_context: bool) -> Tensor:
+        """adapter_ids as one slot per row of x: ids set by a block (``from_context``: valid by
+        construction) are expanded for generate's repeat_interleave (beams, num_return_sequences);
+        for x [B, T, ...], one id per sequence is repeated over its tokens."""
         lead = x.shape[:-1]
-        rows, num_slots = lead.numel(), max(self._slots.values()) + 1
+        rows = lead.numel()
         ids = adapter_ids
-        from_context = ids is self._batch_ids  # built by adapter_batch from names: valid by construction
         per_sequence = x.dim() >= 3 and x.shape[0] != rows
         if from_context and x.dim() >= 2 and 0 < ids.numel() < x.shape[0] and x.shape[0] % ids.numel() == 0:
             ids = ids.repeat_interleave(x.shape[0] // ids.numel())
@@ -430,7 +354,7 @@ class AdapterLinear(nn.Linear):
             raise ValueError("adapter_ids given, but this layer has no adapters")
         check.linear_input(x, self.weight)
         x = autocast_input(x)
-        ids = self._mixed_ids(x, adapter_ids)
+        ids = self._mixed_ids(x, adapter_ids, max(self._slots.values()) + 1, adapter_ids is self._batch_ids)
         r_max = max(a.rank for a in self.adapters.values())
         slots = self._slot_stack(r_max)
         lora_only = all(a.kind == "lora" for a in self.adapters.values())
@@ -441,6 +365,84 @@ class AdapterLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = run_mixed(x.reshape(-1, self.in_features), self.weight.to(x.dtype), bias, stack, ids)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _needs_live(self, bound: _PoolBinding) -> bool:
+        """adapter_batch's snapshot yields to the live path in training mode (dropout) and when
+        gradients flow to the layer or to its adapters."""
+        return self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _pooled_forward(self, x: Tensor, bound: _PoolBinding) -> Tensor:
+        """Semantics: y_i = x_i·Wᵀ + b + the term of slot ids[i] of the bound pool (-1: none); no
+        per-call work on the pool, whatever the number of adapters loaded."""
+        if self._merged is not None:
+            raise ValueError(f"adapter {self._merged!r} is merged into the weight; unmerge() before mixed batches")
+        if bound.ready is not None:
+            torch.cuda.current_stream(x.device).wait_event(bound.ready)
+        if bound.pool is None:
+            return F.linear(x, self.weight, self.bias)
+        check.linear_input(x, self.weight)
+        x = autocast_input(x)
+        ids = self._mixed_ids(x, bound.ids, bound.pool.num_slots, True)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = run_mixed(x.reshape(-1, self.in_features), self.weight.to(x.dtype), bias,
+                      bound.pool.slot_stack(x.dtype, full=False), ids)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @contextlib.contextmanager
+    def serving(self, pool: AdapterPool, ids: Tensor, ready=None):
+        """Within the block, forward(x) without adapter_ids runs row i with slot ``ids[i]`` of
+        ``pool`` (-1: base only) instead of this layer's own adapters: how
+        :class:`adaptkern.manager.AdapterManager` serves its adapters.
+
+        Semantics: y_i = x_i·Wᵀ + b + scale_s·(f_s(x_i·A_sᵀ + a_s)·B_sᵀ + c_s), s = ids[i], as
+        :func:`adaptkern.mixed_adapter_linear`. Shapes: ``pool`` for [out_features, in_features]
+        on the weight's device; ids [B] (one per sequence, expanded as :func:`adapter_batch` does)
+        or [rows] int32/int64 in [-1, pool.num_slots), trusted (not read on the host). ``ready``:
+        a CUDA event the compute stream waits for before reading the pool (None: no wait).
+        """
+        if not isinstance(pool, AdapterPool):
+            raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+        if (pool.out_features, pool.in_features) != (self.out_features, self.in_features) or \
+                pool.device != self.weight.device:
+            raise ValueError(f"pool for [{pool.out_features}, {pool.in_features}] on {pool.device} does not fit this "
+                             f"layer's weight {tuple(self.weight.shape)} on {self.weight.device}")
+        previous = self._batch_pool, self._batch_ids
+        self._batch_pool, self._batch_ids = _PoolBinding(pool, ids, ready, False), None
+        try:
+            yield self
+        finally:
+            self._batch_pool, self._batch_ids = previous
+
+    @torch.no_grad()
+    def _snapshot_binding(self, names: Sequence[Optional[str]]) -> _PoolBinding:
+        """adapter_batch's pool: the adapters ``names`` names (and this layer holds), written into
+        slots 0..n-1 of a pool kept between blocks; the others are never copied."""
+        held = list(dict.fromkeys(n for n in names if n in self.adapters))
+        if not held:
+            return _PoolBinding(None, None, None, True)
+        adapters = [self.adapters[n] for n in held]
+        dtype = self.weight.dtype  # as the live path: adapters in their own (promoted) dtype, then x's
+        for t in (t for a in adapters for t in a.parameters()):
+            dtype = torch.promote_types(dtype, t.dtype)
+        pool, rank = self._snapshot, max(a.rank for a in adapters)
+        if pool is None or pool.num_slots < len(held) or pool.max_rank < rank or pool.dtype != dtype or \
+                pool.device != self.weight.device:
+            pool = self._snapshot = AdapterPool(
+                self.in_features, self.out_features, max(len(held), 0 if pool is None else pool.num_slots),
+                max(rank, 0 if pool is None else pool.max_rank), dtype=dtype, device=self.weight.device)
+        for slot, a in enumerate(adapters):
+            if a.kind == "lora":
+                pool.load_lora(slot, a.lora_A, a.lora_B, a.scale, validate_values=False)
+            else:
+                pool.load_bottleneck(slot, a.down_weight, a.down_bias, a.up_weight, a.up_bias,
+                                     activation=a.activation, placement=a.placement, scale=a.scale,
+                                     base_weight=self.weight, base_bias=self.bias, validate_values=False)
+        for slot in range(len(held), pool.num_slots):
+            if pool.kinds[slot] is not None:
+                pool.evict(slot)
+        slot_of = {n: i for i, n in enumerate(held)}
+        ids = torch.tensor([slot_of.get(n, -1) for n in names], dtype=torch.int32, device=self.weight.device)
+        return _PoolBinding(pool, ids, None, True)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={list(self.adapters)}, active={self._active!r}"
@@ -455,6 +457,13 @@ def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
     layer that does not hold a named adapter runs its base for those rows, as PEFT does for
     modules an adapter does not target. Works for ``model(...)`` and ``model.generate``,
     beams and ``num_return_sequences`` included (generate's expanded batch is mapped back).
+
+    Cost: entering the block copies the adapters ``names`` names into a per-layer pool (once;
+    the other adapters a layer holds are never touched), so every forward inside the block
+    reads that pool with no per-call work on it: a step costs the same whether a layer holds
+    2 or 200 adapters. The block reads the adapters' weights as they are when it is entered.
+    In training mode, or when gradients flow to the layers or their adapters, forwards read
+    the parameters live instead (differentiable; each call restacks them).
     """
     layers = [m for m in module.modules() if isinstance(m, AdapterLinear)]
     if not layers:
@@ -466,12 +475,13 @@ def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise ValueError(f"unknown adapter names {unknown}; the model has {sorted(known)}")
-    previous = [m._batch_ids for m in layers]
+    previous = [(m._batch_ids, m._batch_pool) for m in layers]
     for m in layers:
         m._batch_ids = torch.tensor([m._slots.get(n, -1) if n is not None else -1 for n in names],
                                     dtype=torch.int32, device=m.weight.device)
+        m._batch_pool = m._snapshot_binding(names)
     try:
         yield module
     finally:
-        for m, ids in zip(layers, previous):
-            m._batch_ids = ids
+        for m, (ids, bound) in zip(layers, previous):
+            m._batch_ids, m._batch_pool = ids, bound

@@ -69,18 +69,23 @@ class AdapterPool:
             raise ValueError(f"slot must be an int in [0, {self.num_slots}), got {slot!r}")
         return slot
 
-    def _check(self, name: str, t, shape: tuple) -> Tensor:
-        """``t`` (detached, on the pool's device) after checking its type, shape and finiteness."""
+    def _check(self, name: str, t, shape: tuple, values: bool = True) -> Tensor:
+        """``t`` (detached) after checking its type and shape, and with ``values`` its finiteness
+        (a host read), then moved to the pool's device; without ``values`` it stays where it is
+        (the slot write copies it across)."""
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if not values:
+            return t.detach()
         return check.finite_tensor(name, t).detach().to(device=self.device)
 
-    def _cast(self, name: str, t):
-        """``t`` (or None) in the pool's dtype, refused if the cast (or a fold before it) overflowed."""
-        if t is None:
-            return None
+    def _cast(self, name: str, t, values: bool = True):
+        """``t`` (or None) in the pool's dtype, refused if the cast (or a fold before it) overflowed;
+        unchanged without ``values`` (the slot write casts)."""
+        if t is None or not values:
+            return t
         t = t.to(self.dtype)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf in the pool's dtype {self.dtype} (values beyond its range "
@@ -103,31 +108,40 @@ class AdapterPool:
         return check.real("scale", scale, self.scales.dtype)
 
     @torch.no_grad()
-    def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act):
-        """Write a checked adapter (tensors already in the pool's dtype) into ``slot``: cannot fail."""
+    def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act, non_blocking=False):
+        """Write a checked adapter into ``slot`` (copy_ casts and moves it): cannot fail."""
         r = a_w.shape[0]
         self._clear(slot)
-        self.down_weight[slot, :r].copy_(a_w)
-        self.up_weight[slot, :, :r].copy_(b_w)
+        self.down_weight[slot, :r].copy_(a_w, non_blocking=non_blocking)
+        self.up_weight[slot, :, :r].copy_(b_w, non_blocking=non_blocking)
         if a_b is not None:
-            self.down_bias[slot, :r].copy_(a_b)
+            self.down_bias[slot, :r].copy_(a_b, non_blocking=non_blocking)
         if b_b is not None:
-            self.up_bias[slot].copy_(b_b)
+            self.up_bias[slot].copy_(b_b, non_blocking=non_blocking)
         self.scales[slot] = scale
         self.ranks[slot] = r
         self.acts[slot] = ACT_CODES[act]
         self.kinds[slot] = kind
 
-    def load_lora(self, slot: int, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
-        """Put LoRA (lora_a [r, K], lora_b [N, r], scale) in ``slot``, replacing what was there."""
+    def load_lora(self, slot: int, lora_a: Tensor, lora_b: Tensor, scale: float, *, validate_values: bool = True,
+                  non_blocking: bool = False) -> None:
+        """Put LoRA (lora_a [r, K], lora_b [N, r], scale) in ``slot``, replacing what was there.
+
+        ``validate_values=False`` skips the finiteness checks (host reads of every value) for
+        weights the caller already checked; the slot write then casts them. ``non_blocking``
+        copies from pinned host memory asynchronously on the current stream (CUDA).
+        """
         slot = self._slot(slot)
         r = self._rank("lora_a", lora_a)
-        a = self._cast("lora_a", self._check("lora_a", lora_a, (r, self.in_features)))
-        b = self._cast("lora_b", self._check("lora_b", lora_b, (self.out_features, r)))
-        self._store(slot, "lora", a, None, b, None, self._scale(scale), "identity")
+        a = self._cast("lora_a", self._check("lora_a", lora_a, (r, self.in_features), validate_values),
+                       validate_values)
+        b = self._cast("lora_b", self._check("lora_b", lora_b, (self.out_features, r), validate_values),
+                       validate_values)
+        self._store(slot, "lora", a, None, b, None, self._scale(scale), "identity", non_blocking)
 
     def load_bottleneck(self, slot: int, down_weight: Tensor, down_bias, up_weight: Tensor, up_bias, *,
-                        activation: str, placement: str, scale: float, base_weight=None, base_bias=None) -> None:
+                        activation: str, placement: str, scale: float, base_weight=None, base_bias=None,
+                        validate_values: bool = True) -> None:
         """Put a bottleneck adapter in ``slot``.
 
         Semantics: parallel adds scale·(f(x·Dᵀ + d)·Uᵀ + u); sequential adds
@@ -135,26 +149,28 @@ class AdapterPool:
         so it needs the layer's ``base_weight`` [N, K] (and ``base_bias`` [N]); reload the
         slot if the base changes. Shapes: down_weight [R, N] (sequential) or [R, K]
         (parallel), down_bias [R] | None, up_weight [N, R], up_bias [N] | None.
+        ``validate_values`` as in :meth:`load_lora`.
         """
+        v = validate_values
         slot = self._slot(slot)
         placement = check.placement(placement)
         act = check.activation(activation)
         reads = self.out_features if placement == "sequential" else self.in_features
         r = self._rank("down_weight", down_weight)
-        d = self._check("down_weight", down_weight, (r, reads))
-        db = None if down_bias is None else self._check("down_bias", down_bias, (r,))
-        u = self._check("up_weight", up_weight, (self.out_features, r))
-        ub = None if up_bias is None else self._check("up_bias", up_bias, (self.out_features,))
+        d = self._check("down_weight", down_weight, (r, reads), v)
+        db = None if down_bias is None else self._check("down_bias", down_bias, (r,), v)
+        u = self._check("up_weight", up_weight, (self.out_features, r), v)
+        ub = None if up_bias is None else self._check("up_bias", up_bias, (self.out_features,), v)
         names = ("down_weight", "down_bias")
         if placement == "sequential":
             if base_weight is None:
                 raise ValueError("a sequential bottleneck needs base_weight (the layer's [N, K] weight) to fold D·W")
-            w = self._check("base_weight", base_weight, (self.out_features, self.in_features))
-            b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,))
+            w = self._check("base_weight", base_weight, (self.out_features, self.in_features), v)
+            b = None if base_bias is None else self._check("base_bias", base_bias, (self.out_features,), v)
             d, db = common.fold_sequential(w.to(d.dtype), None if b is None else b.to(d.dtype), d, db)
             names = ("the folded down_weight·base_weight", "the folded down_weight·base_bias + down_bias")
-        d, db = self._cast(names[0], d), self._cast(names[1], db)
-        u, ub = self._cast("up_weight", u), self._cast("up_bias", ub)
+        d, db = self._cast(names[0], d, v), self._cast(names[1], db, v)
+        u, ub = self._cast("up_weight", u, v), self._cast("up_bias", ub, v)
         self._store(slot, f"bottleneck_{placement}", d, db, u, ub, self._scale(scale), act)
 
     @torch.no_grad()
@@ -170,15 +186,19 @@ class AdapterPool:
         self.acts[slot] = 0
         self.kinds[slot] = None
 
-    def slot_stack(self, dtype: torch.dtype) -> SlotStack:
+    def slot_stack(self, dtype: torch.dtype, *, full: bool = True) -> SlotStack:
         """The pool as the mixed op reads it, adapter tensors in ``dtype`` (x's dtype).
 
-        Always the full set, whatever kinds are loaded now: a CUDA graph captured while the
-        pool held only LoRA slots must stay right after a bottleneck is loaded.
+        ``full`` (the default): always the full set, whatever kinds are loaded now: a CUDA graph
+        captured while the pool held only LoRA slots must stay right after a bottleneck is
+        loaded. ``full=False``: while every loaded slot is LoRA, the biases and activations are
+        left out (None), so the kernels skip reading them; the result is the same.
         """
         acc = torch.promote_types(dtype, torch.float32)
-        return SlotStack(self.down_weight.to(dtype), self.down_bias.to(dtype), self.up_weight.to(dtype),
-                         self.up_bias.to(dtype), self.scales.to(acc), self.ranks, self.acts)
+        lora = not full and all(kind in (None, "lora") for kind in self.kinds)
+        return SlotStack(self.down_weight.to(dtype), None if lora else self.down_bias.to(dtype),
+                         self.up_weight.to(dtype), None if lora else self.up_bias.to(dtype), self.scales.to(acc),
+                         self.ranks, None if lora else self.acts)
 
     def __repr__(self) -> str:
         used = sum(k is not None for k in self.kinds)

@@ -1,10 +1,12 @@
 """AdapterLinear against eager compositions of plain nn.Linear modules (as PEFT and AdapterHub compute)."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaptkern
 from adaptkern.ops import common
@@ -296,3 +298,62 @@ def test_adapter_batch_runs_the_base_on_layers_without_adapters():
         want_base = model(x[1:])
     assert_close("adapter row", want_t[0].double(), y[0])
     assert_close("base row", want_base[0].double(), y[1])
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _layer_holding(count):
+    torch.manual_seed(0)
+    m = adaptkern.AdapterLinear(13, 11).eval()
+    for i in range(count):
+        nn.init.normal_(m.add_lora(f"a{i}", r=1 + i % 4, alpha=2).lora_B)
+    return m
+
+
+@pytest.mark.parametrize("held", [2, 12])
+def test_adapter_batch_steps_do_no_work_on_held_adapters(held):
+    """Entering the block copies the named adapters only; a step inside it is the same aten ops
+    whether the layer holds 2 or 12 adapters, and writes no pool tensor."""
+    x = torch.randn(3, 2, 13)
+    names = ["a1", None, "a0"]
+    profiles = []
+    for m in (_layer_holding(2), _layer_holding(held)):
+        with torch.no_grad(), _CountOps() as entry, adaptkern.adapter_batch(m, names):
+            pool = m._snapshot
+            copies = entry.ops["aten.copy_.default"]
+            y = m(x)
+            versions = [t._version for t in (pool.down_weight, pool.up_weight, pool.scales, pool.ranks)]
+            with _CountOps() as step:
+                assert torch.equal(m(x), y)
+            assert [t._version for t in (pool.down_weight, pool.up_weight, pool.scales, pool.ranks)] == versions
+        profiles.append((copies, step.ops, pool.num_slots))
+    assert profiles[0] == profiles[1] and profiles[0][2] == 2
+    want = torch.stack([m(x[0], [1, 1]), nn.functional.linear(x[1].double(), m.weight.double(), m.bias.double())
+                        .float(), m(x[2], [0, 0])])
+    assert_close("pooled vs live", want.double(), y)
+
+
+def test_adapter_batch_reads_adapters_at_entry_and_live_under_grad():
+    m = _layer_holding(3)
+    x = torch.randn(2, 13)
+    with torch.no_grad():
+        want = m(x, [2, 0])
+        with adaptkern.adapter_batch(m, ["a2", "a0"]):
+            first = m(x)
+            m.adapters["a2"].lora_B.data.mul_(2.0)  # inside the block: not seen until the next block
+            assert torch.equal(m(x), first)
+        with adaptkern.adapter_batch(m, ["a2", "a0"]):
+            second = m(x)
+    assert_close("entry snapshot", want.double(), first)
+    assert_close("next block sees the write", m(x, [2, 0]).double(), second)
+    with adaptkern.adapter_batch(m, ["a2", "a0"]):  # gradients flow: the live, differentiable path
+        m(x).sum().backward()
+    assert m.adapters["a2"].lora_B.grad.abs().sum() > 0 and not m.adapters["a1"].lora_B.grad.any()
