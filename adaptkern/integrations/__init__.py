@@ -1,20 +1,25 @@
-"""Hugging Face integrations: model patching, the PEFT and AdapterHub checkpoint formats."""
+"""Integrations: Hugging Face model patching, the PEFT and AdapterHub checkpoint formats, and
+the serving engines' plug-ins (``adaptkern.integrations.vllm``, ``adaptkern.integrations.sglang``).
 
-from .patching import (Conv1DAdapter, adapter_parameters, add_bottleneck, add_lora, patch, set_adapter,
-                       target_module_names)
-from .adapterhub import load_adapterhub
-from .peft import from_peft_model, load_peft, save_peft
+Nothing is imported eagerly: ``adaptkern.integrations.vllm`` needs neither transformers nor
+peft, and the Hugging Face modules load on first use of one of their names.
+"""
 
-__all__ = [
-    "Conv1DAdapter",
-    "adapter_parameters",
-    "add_bottleneck",
-    "add_lora",
-    "from_peft_model",
-    "load_adapterhub",
-    "load_peft",
-    "patch",
-    "save_peft",
-    "set_adapter",
-    "target_module_names",
-]
+import importlib
+
+_NAMES = {
+    "Conv1DAdapter": "patching", "adapter_parameters": "patching", "add_bottleneck": "patching",
+    "add_lora": "patching", "patch": "patching", "set_adapter": "patching", "target_module_names": "patching",
+    "load_adapterhub": "adapterhub", "from_peft_model": "peft", "load_peft": "peft", "save_peft": "peft",
+}
+__all__ = sorted(_NAMES)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'adaptkern.integrations' has no attribute {name!r}")
