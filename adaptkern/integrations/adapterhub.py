@@ -10,29 +10,31 @@ LayerNorm (BERT-style, post-LN) or none (Llama-style, pre-norm)::
     forward:       out  = res + scaling·(f(x_ad·Dᵀ + d)·Uᵀ + u)
     post_forward:  y    = LN(out + r) if original_ln_after else out       (Llama: out + r)
 
-With ``original_ln_before=False`` and ``original_ln_after=True`` this is
-``y = LN(h + s·(f(h·Dᵀ + d)·Uᵀ + u) + r)``: exactly a *sequential* adapter on the Linear
-that produces h, followed by the model's own residual and LayerNorm. That is what
-:func:`load_adapterhub` builds, on
+With ``original_ln_before=False``, ``original_ln_after=True`` and a constant scaling (Houlsby,
+``double_seq_bn``) this is ``y = LN(h + s·(f(h·Dᵀ + d)·Uᵀ + u) + r)``: a *sequential* adapter on the
+Linear that produces h, followed by the model's own residual and LayerNorm; :func:`load_adapterhub`
+builds it as an ``AdapterLinear``. Every other placement (``seq_bn``: ``original_ln_before=True``,
+with ``residual_before_ln`` true, false or "post_add"; ``original_ln_after=False``; ``par_bn``:
+``is_parallel=True``; ``scaling`` "learned" (``scaled_par_bn``) or "channel") reads the residual
+stream and runs on the norm-fused op (``fused_bottleneck``: the sub-block's output module is
+replaced on BERT-style layers, its output Linear on Llama-style layers). Locations:
 
-- BERT-style layers (bert, roberta, xlm-roberta, electra): ``mh_adapter`` on
-  ``attention.output.dense``, ``output_adapter`` on ``output.dense``;
-- Llama-style layers (llama, mistral): ``mh_adapter`` on ``self_attn.o_proj``,
-  ``output_adapter`` on ``mlp.down_proj``.
+- BERT-style layers (bert, roberta, xlm-roberta, electra): ``mh_adapter`` on ``attention.output``
+  (``.dense``), ``output_adapter`` on ``output`` (``.dense``);
+- Llama-style layers (llama, mistral): ``mh_adapter`` on ``self_attn.o_proj``, ``output_adapter`` on
+  ``mlp.down_proj``.
 
-Every other placement is refused with NotImplementedError naming the config field:
-``original_ln_before=True`` (Pfeiffer, ``seq_bn``: the adapter reads LN(h + r) or h + r, the
-residual stream, which no Linear outputs), ``original_ln_after=False``, ``is_parallel=True``
-(``par_bn``: the adapter reads the sub-block's input r, while the Linear that writes h reads
-something else), ``ln_before``/``ln_after``, ``phm_layer``, ``use_gating``, ``scaling``
-"learned"/"channel", ``inv_adapter``, ``cross_adapter``, ``dropout``/``stochastic_depth`` > 0
-(AdapterLinear has no adapter dropout) and activations without an exact kernel counterpart.
+Refused with NotImplementedError naming the config field: ``residual_before_ln="post_add"`` where
+the ``adapters`` library itself fails (no norm, or ``original_ln_before=False``),
+``ln_before``/``ln_after``, ``phm_layer``, ``use_gating``, ``inv_adapter``, ``cross_adapter``,
+``dropout``/``stochastic_depth`` > 0 and activations without an exact kernel counterpart.
 
 Numerics: in eval mode the loaded model reproduces the ``adapters`` library's outputs (fp32,
-tests/integrations/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the two
-differ in where the dropout sits: the ``adapters`` library drops h before the adapter reads it,
-AdapterLinear's adapter is inside the Linear, so BERT's dropout applies to h + adapter(h).
-Llama-style models have no dropout there and match in training too.
+tests/integrations/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the
+Houlsby (AdapterLinear) placement differs in where the dropout sits: the ``adapters`` library drops h
+before the adapter reads it, AdapterLinear's adapter is inside the Linear, so BERT's dropout applies
+to h + adapter(h). The fused placements drop h first, as the library does. Llama-style models have
+no dropout there.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 
 from .. import validation as check
 from ..nn import AdapterLinear
+from . import fused_bottleneck
 from .checkpoint_io import read_json_object, read_state_dict
 from .patching import freeze_base, patch, set_adapter
 
@@ -96,11 +99,6 @@ _BN_FIELDS = {
 _REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
 # field -> (value that works, why any other value is not an adapter on a Linear)
 _MUST_BE = {
-    "original_ln_before": (False, "the adapter reads the residual stream LayerNorm(h + residual) (BERT-style) or "
-                                  "h + residual (Llama-style), not the output of a Linear"),
-    "original_ln_after": (True, "the sub-block's residual connection and LayerNorm would be dropped"),
-    "is_parallel": (False, "the parallel adapter reads the sub-block's input (the residual stream), which is not "
-                           "the input of the Linear whose output it is added to"),
     "ln_before": (False, "a new LayerNorm before the bottleneck"),
     "ln_after": (False, "a new LayerNorm after the bottleneck"),
     "phm_layer": (False, "PHM (Compacter) projections are not dense down/up matrices"),
@@ -144,8 +142,8 @@ def _check_bn_config(cfg: dict, legacy: bool) -> dict:
         if isinstance(ok, bool):
             value = _bool(cfg, key) if key in cfg else ok
         if value != ok:
-            raise NotImplementedError(f"adapter config {key}={value!r} is not expressible as an adapter on a "
-                                      f"Linear: {why}; load_adapterhub supports {key}={ok!r}")
+            raise NotImplementedError(f"adapter config {key}={value!r} is not supported: {why}; load_adapterhub "
+                                      f"supports {key}={ok!r}")
     for key in ("dropout", "stochastic_depth"):
         value = _real(cfg.get(key, 0.0) or 0.0, f"adapter config field {key!r}")
         if value != 0.0:
@@ -155,14 +153,24 @@ def _check_bn_config(cfg: dict, legacy: bool) -> dict:
     if residual_before_ln not in (True, False, "post_add"):
         raise ValueError(f"adapter config field 'residual_before_ln' must be true, false or 'post_add', "
                          f"got {residual_before_ln!r}")
-    # residual_before_ln only matters with original_ln_before, adapter_residual_before_ln only with ln_after,
-    # the init_* and phm_* fields only at creation / with phm_layer: all refused or irrelevant here.
+    # adapter_residual_before_ln only matters with ln_after, the init_* and phm_* fields only at creation /
+    # with phm_layer: refused or irrelevant here.
+    placement = {key: _bool(cfg, key) if key in cfg else default
+                 for key, default in (("original_ln_before", False), ("original_ln_after", True),
+                                      ("is_parallel", False))}
+    placement["residual_before_ln"] = residual_before_ln
 
     scaling = cfg.get("scaling", 1.0)
     if isinstance(scaling, str):
-        raise NotImplementedError(f"adapter config scaling={scaling!r}: a learned scaling parameter is not "
-                                  "supported; only a constant number is")
-    scaling = _real(scaling, "adapter config field 'scaling'")
+        if scaling not in ("learned", "channel"):
+            raise ValueError(f"adapter config field 'scaling' must be a number, 'learned' or 'channel', "
+                             f"got {scaling!r}")
+    else:
+        scaling = _real(scaling, "adapter config field 'scaling'")
+    # The residual stream, a learned scaling or a dropped residual need the norm-fused op; the rest is a
+    # sequential adapter on the Linear (AdapterLinear).
+    fused = (placement["original_ln_before"] or placement["is_parallel"] or not placement["original_ln_after"]
+             or isinstance(scaling, str))
 
     act = cfg["non_linearity"]
     if not isinstance(act, str):
@@ -188,7 +196,8 @@ def _check_bn_config(cfg: dict, legacy: bool) -> dict:
     if bad:
         raise ValueError(f"adapter config reduction_factor must be > 0, got {cfg['reduction_factor']!r}")
     return dict(locations=[loc for loc in ("mh_adapter", "output_adapter") if _bool(cfg, loc)],
-                reduction_factor=rf, activation=_ACTIVATIONS[act], scaling=scaling, leave_out=set(leave_out))
+                reduction_factor=rf, activation=_ACTIVATIONS[act], scaling=scaling, leave_out=set(leave_out),
+                placement=placement, fused=fused)
 
 
 def _bottleneck_size(hidden_size: int, rf, layer: int) -> int:
@@ -254,12 +263,14 @@ def _normalize_key(key: str, base_model_prefix: str) -> str:
 def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> nn.Module:
     """Load an AdapterHub bottleneck adapter saved by ``adapters``' ``save_adapter`` into ``model``.
 
-    Semantics: for every layer i not in ``leave_out`` and every location the config enables,
-    the Linear that produces the adapted sub-block output h (see the module docstring) becomes
-    an ``AdapterLinear`` (sharing its weights) with a sequential bottleneck adapter
-    ``y = h + scaling·(f(h·Dᵀ + d)·Uᵀ + u)``, D = ``adapter_down.0.weight`` [R, H],
+    Semantics: for every layer i not in ``leave_out`` and every location the config enables, the
+    sub-block computes AdapterHub's formula (module docstring). Houlsby-style configs: the Linear
+    that produces h becomes an ``AdapterLinear`` (sharing its weights) with a sequential adapter
+    ``y = h + scaling·(f(h·Dᵀ + d)·Uᵀ + u)``; the others run on the norm-fused op
+    (``adaptkern.integrations.fused_bottleneck``; activate with ``set_fused_adapter``).
+    D = ``adapter_down.0.weight`` [R, H],
     d = ``adapter_down.0.bias`` [R], U = ``adapter_up.weight`` [H, R], u = ``adapter_up.bias`` [H],
-    R = int(H // reduction_factor). The adapter is made active (``set_adapter(model, name)``)
+    R = int(H // reduction_factor), a learned ``scaling`` [1] or [H]. The adapter is made active
     and, as ``add_bottleneck`` does, only adapter parameters keep ``requires_grad``.
 
     ``path`` holds ``adapter_config.json`` and ``adapter.safetensors`` (preferred) or
@@ -268,8 +279,9 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
 
     Strict: missing or unexpected keys, shape mismatches, non-finite values, non-floating
     tensors, corrupt files and invalid config values raise (ValueError / FileNotFoundError)
-    before the model is touched; configurations that are not an adapter on a Linear raise
-    NotImplementedError naming the field; unknown config fields warn. Returns ``model``.
+    before the model is touched; configurations adaptkern cannot place exactly raise
+    NotImplementedError naming the field, the model untouched; unknown config fields warn.
+    Returns ``model``.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -304,6 +316,8 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
         raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
     prefix, layers = _find_layers(model, family)
     _, linears, modules = _FAMILIES[family]
+    fused = spec["fused"]
+    where = fused_bottleneck.placement(spec["placement"], has_norm=family == "bert")  # raises where adapters fails
     out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
     if out_of_range:
         warnings.warn(f"adapter config leave_out names layers {out_of_range} the model does not have", stacklevel=2)
@@ -316,13 +330,15 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
             continue
         size = _bottleneck_size(hidden, spec["reduction_factor"], i)
         for loc in spec["locations"]:
-            target = f"{prefix}{layer}.{linears[loc]}"
+            target = f"{prefix}{layer}.{(modules if fused and family == 'bert' else linears)[loc]}"
             targets[target] = size
             key = f"{layer}.{modules[loc]}.adapters.{saved_name}."
             expected[key + "adapter_down.0.weight"] = (target, "down_weight", (size, hidden))
             expected[key + "adapter_down.0.bias"] = (target, "down_bias", (size,))
             expected[key + "adapter_up.weight"] = (target, "up_weight", (hidden, size))
             expected[key + "adapter_up.bias"] = (target, "up_bias", (hidden,))
+            if isinstance(spec["scaling"], str):
+                expected[key + "scaling"] = (target, "scaling", (1,) if spec["scaling"] == "learned" else (hidden,))
     if not expected:
         raise ValueError("the adapter config enables no location (mh_adapter and output_adapter are false, or every "
                          "layer is left out)")
@@ -352,30 +368,84 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
             raise ValueError(f"{weights_file}: {key!r} contains NaN or Inf")
 
     for target in targets:
-        try:
-            module = model.get_submodule(target)
-        except AttributeError:
-            raise ValueError(f"{type(model).__name__} has no module {target!r}") from None
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{target!r} is a {type(module).__name__}, expected an nn.Linear")
-        if module.out_features != hidden:
-            raise ValueError(f"{target!r} has out_features {module.out_features}, the adapter needs {hidden}")
-        if isinstance(module, AdapterLinear) and name in module.adapters:
-            raise ValueError(f"an adapter named {name!r} already exists on {target!r}")
+        _check_target(model, target, hidden, name, fused, family)
     for key, (target, _, _) in expected.items():
-        dtype = model.get_submodule(target).weight.dtype  # the adapter is stored in its layer's dtype
+        dtype = _target_weight(model.get_submodule(target)).dtype  # the adapter is stored in its layer's dtype
         if not torch.isfinite(state[key].to(dtype)).all():
             raise ValueError(f"{weights_file}: {key!r} overflows to Inf in the model's dtype {dtype}")
 
     # Everything checked: now change the model.
-    patch(model, "|".join(re.escape(t) for t in targets))
-    for target, size in targets.items():
-        model.get_submodule(target).add_bottleneck(name, size, activation=spec["activation"], placement="sequential",
-                                                   scale=spec["scaling"])
+    if fused:
+        _add_fused(model, targets, name, spec, where, family)
+    else:
+        patch(model, "|".join(re.escape(t) for t in targets))
+        for target, size in targets.items():
+            model.get_submodule(target).add_bottleneck(name, size, activation=spec["activation"],
+                                                       placement="sequential", scale=spec["scaling"])
     with torch.no_grad():
         for key, (target, attr, _) in expected.items():
             param = getattr(model.get_submodule(target).adapters[name], attr)
             param.copy_(state[key].to(device=param.device, dtype=param.dtype))
-    freeze_base(model)
-    set_adapter(model, name)
+    if fused:
+        ids = {id(p) for m in fused_bottleneck.fused_modules(model).values() for p in m.adapters.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        fused_bottleneck.set_fused_adapter(model, name)
+    else:
+        freeze_base(model)
+        set_adapter(model, name)
     return model
+
+
+def _target_weight(module: nn.Module) -> Tensor:
+    """The weight of the Linear an adapter holder wraps (the adapter is stored in its dtype)."""
+    return module.dense.weight if hasattr(module, "dense") else module.weight
+
+
+def _check_target(model: nn.Module, target: str, hidden: int, name: str, fused: bool, family: str) -> None:
+    try:
+        module = model.get_submodule(target)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no module {target!r}") from None
+    if fused and family == "bert":
+        if not isinstance(module, fused_bottleneck.NormBottleneckOutput) and not all(
+                isinstance(getattr(module, a, None), t)
+                for a, t in (("dense", nn.Linear), ("LayerNorm", nn.LayerNorm), ("dropout", nn.Dropout))):
+            raise ValueError(f"{target!r} is a {type(module).__name__}, expected a BERT-style sub-block output "
+                             "(dense, dropout, LayerNorm)")
+        linear = module.dense
+    else:
+        kinds = (fused_bottleneck.ResidualBottleneckLinear, nn.Linear) if fused else (nn.Linear,)
+        if not isinstance(module, kinds) or (fused and isinstance(module, AdapterLinear)):
+            raise ValueError(f"{target!r} is a {type(module).__name__}, expected an nn.Linear")
+        linear = module
+    if linear.out_features != hidden:
+        raise ValueError(f"{target!r} has out_features {linear.out_features}, the adapter needs {hidden}")
+    holders = getattr(module, "adapters", {})
+    if name in holders:
+        raise ValueError(f"an adapter named {name!r} already exists on {target!r}")
+
+
+# the norm whose input is the residual stream r of a Llama-style sub-block, per Linear
+_RESIDUAL_SOURCES = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
+
+
+def _add_fused(model: nn.Module, targets: dict, name: str, spec: dict, where: tuple, family: str) -> None:
+    adapter_input, coefficients, final_norm = where
+    for target, size in targets.items():
+        module = model.get_submodule(target)
+        parent_name, _, child = target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if family == "bert" and not isinstance(module, fused_bottleneck.NormBottleneckOutput):
+            module = fused_bottleneck.NormBottleneckOutput(module)
+            setattr(parent, child, module)
+        elif family != "bert" and not isinstance(module, fused_bottleneck.ResidualBottleneckLinear):
+            layer_name, rel = target.rsplit(".", 2)[0], ".".join(target.rsplit(".", 2)[1:])
+            source = model.get_submodule(layer_name).get_submodule(_RESIDUAL_SOURCES[rel])
+            module = fused_bottleneck.ResidualBottleneckLinear(module, source)
+            setattr(parent, child, module)
+        weight = _target_weight(module)
+        module.adapters[name] = fused_bottleneck.FusedBottleneck(
+            weight.shape[0], size, activation=spec["activation"], scaling=spec["scaling"],
+            adapter_input=adapter_input, coefficients=coefficients, final_norm=final_norm, device=weight.device,
+            dtype=weight.dtype)

@@ -28,8 +28,8 @@ from transformers import (BertConfig, BertForSequenceClassification, BertModel, 
                           LlamaForCausalLM, LlamaModel)
 
 from adaptkern.integrations.adapterhub import load_adapterhub
+from adaptkern.integrations.fused_bottleneck import fused_modules, set_fused_adapter
 from adaptkern.integrations.patching import adapter_modules, set_adapter
-from adaptkern.nn import AdapterLinear
 from adaptkern.testing import assert_close
 
 from ..helpers import count_launches
@@ -142,6 +142,74 @@ def test_reproduces_adapters_outputs(family, adapter):
     assert_close(f"{family}/{adapter} adapter off", expected["without_adapter"], run(model, family), atol=ATOL)
 
 
+# fixture -> (holders of the adapter, adapter input, coefficients of (h, r, LN(h + r)) in the library's formula,
+# final norm). Llama's holders return y - r (the decoder adds r).
+FUSED = {
+    ("bert", "pfeiffer"): (["encoder.layer.0.output", "encoder.layer.1.output"], "norm", (1.0, 1.0, 0.0), True),
+    ("bert", "pfeiffer_res_after_ln"): (["encoder.layer.0.output", "encoder.layer.1.output"], "norm",
+                                        (0.0, 1.0, 1.0), True),
+    ("bert", "pfeiffer_post_add"): (["encoder.layer.0.output", "encoder.layer.1.output"], "norm", (1.0, 2.0, 0.0),
+                                    True),
+    ("bert", "pfeiffer_no_ln_after"): (["encoder.layer.1.attention.output", "encoder.layer.1.output"], "norm",
+                                       (1.0, 0.0, 0.0), False),
+    ("bert", "parallel"): (["encoder.layer.0.output", "encoder.layer.1.output"], "residual", (1.0, 1.0, 0.0), True),
+    ("bert", "scaled_parallel"): (["encoder.layer.0.output", "encoder.layer.1.output"], "residual", (1.0, 1.0, 0.0),
+                                  True),
+    ("bert", "parallel_no_ln_after"): ([f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.output",
+                                                                                          "output")],
+                                       "residual", (1.0, 0.0, 0.0), False),
+    ("llama", "pfeiffer"): (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], "sum", (1.0, 1.0, 0.0),
+                            False),
+    ("llama", "pfeiffer_res_after_ln"): ([f"model.layers.{i}.{m}" for i in (0, 1)
+                                          for m in ("self_attn.o_proj", "mlp.down_proj")], "sum", (1.0, 2.0, 0.0),
+                                         False),
+    ("llama", "pfeiffer_no_ln_after"): (["model.layers.0.mlp.down_proj"], "sum", (1.0, 0.0, 0.0), False),
+    ("llama", "parallel"): (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], "residual",
+                            (1.0, 1.0, 0.0), False),
+    ("llama", "scaled_parallel"): ([f"model.layers.{i}.{m}" for i in (0, 1)
+                                    for m in ("self_attn.o_proj", "mlp.down_proj")], "residual", (1.0, 1.0, 0.0),
+                                   False),
+}
+
+
+@pytest.mark.parametrize("family,adapter", list(FUSED), ids=[f"{f}-{a}" for f, a in FUSED])
+def test_reproduces_adapters_outputs_fused(family, adapter):
+    """seq_bn, par_bn, scaled_par_bn and variants: the adapter reads the residual stream, so it runs on the
+    norm-fused op, in place of the sub-block's output module (BERT) or its output Linear (Llama)."""
+    model = build(family)
+    expected = load_file(os.path.join(FIXTURES, family, f"{adapter}.expected.safetensors"))
+    base_keys = set(model.state_dict())
+    load_adapterhub(model, os.path.join(FIXTURES, family, adapter))
+
+    holders, adapter_input, coefficients, final_norm = FUSED[family, adapter]
+    found = fused_modules(model, adapter)
+    assert sorted(found) == sorted(holders)
+    for module in found.values():
+        a = module.adapters[adapter]
+        assert (a.adapter_input, a.coefficients, a.final_norm) == (adapter_input, coefficients, final_norm)
+    assert base_keys <= set(model.state_dict())
+    assert all(p.requires_grad == (f".adapters.{adapter}." in n) for n, p in model.named_parameters())
+
+    with count_launches() as launches:
+        out = run(model, family)
+    assert launches["_bottleneck_norm_fwd_kernel"] == len(holders), launches
+    assert_close(f"{family}/{adapter} with the adapter", expected["with_adapter"], out, atol=ATOL)
+
+    # training: gradients reach every adapter parameter, none reaches the base
+    model.train()
+    inputs = load_file(os.path.join(FIXTURES, family, "inputs.safetensors"))
+    with count_launches() as launches:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        (out.last_hidden_state if family == "bert" else out.logits).square().mean().backward()
+    assert launches["_bottleneck_norm_bwd_kernel"] == len(holders), launches
+    for n, p in model.named_parameters():
+        assert (p.grad is not None and bool(p.grad.abs().sum() > 0)) == p.requires_grad, n
+    model.eval()
+
+    set_fused_adapter(model, None)
+    assert_close(f"{family}/{adapter} adapter off", expected["without_adapter"], run(model, family), atol=ATOL)
+
+
 def test_adapter_name_argument():
     model = build("bert")
     load_adapterhub(model, os.path.join(FIXTURES, "bert", "seq_relu"), adapter_name="mine")
@@ -186,51 +254,28 @@ def test_legacy_config_and_keys(tmp_path):
     assert {m.adapters["houlsby"].activation for m in adapter_modules(model, "houlsby").values()} == {"gelu_tanh"}
 
 
-def test_pfeiffer_refused_because_not_a_linear_adapter():
-    """Pfeiffer (seq_bn) reads LayerNorm(h + residual). Loading its weights as a sequential adapter on
-    output.dense anyway (by hand) misses the adapters library's output by far more than rounding:
-    refusing it is necessary, not overcautious."""
-    path = os.path.join(FIXTURES, "bert", "pfeiffer")
-    model = build("bert")
-    snap = snapshot(model)
-    with pytest.raises(NotImplementedError, match="original_ln_before"):
-        load_adapterhub(model, path)
-    assert_unchanged(model, snap)
-
-    saved = load_file(os.path.join(path, "adapter.safetensors"))
-    for i, layer in enumerate(model.encoder.layer):
-        layer.output.dense = AdapterLinear.from_linear(layer.output.dense)
-        a = layer.output.dense.add_bottleneck("pf", 8, activation="relu")
-        prefix = f"encoder.layer.{i}.output.adapters.pfeiffer."
-        with torch.no_grad():
-            for attr, key in (("down_weight", "adapter_down.0.weight"), ("down_bias", "adapter_down.0.bias"),
-                              ("up_weight", "adapter_up.weight"), ("up_bias", "adapter_up.bias")):
-                getattr(a, attr).copy_(saved[prefix + key])
-    want = load_file(os.path.join(FIXTURES, "bert", "pfeiffer.expected.safetensors"))["with_adapter"]
-    assert (run(model, "bert") - want).abs().max().item() > 1e-2
-
-
 # -- configurations that are not an adapter on a Linear --------------------------------------------
 
 
-@pytest.mark.parametrize("family,adapter,field", [
-    ("bert", "pfeiffer", "original_ln_before"),
-    ("bert", "parallel", "is_parallel"),
-    ("llama", "pfeiffer", "original_ln_before"),
-    ("llama", "parallel", "is_parallel"),
+@pytest.mark.parametrize("family,adapter,changes,field", [
+    ("llama", "pfeiffer", dict(residual_before_ln="post_add"), "residual_before_ln"),
+    ("bert", "seq_relu", dict(residual_before_ln="post_add"), "residual_before_ln"),
+    ("bert", "pfeiffer", dict(ln_after=True), "ln_after"),
 ])
-def test_real_unsupported_configs_raise(family, adapter, field):
+def test_placements_the_library_cannot_run_raise(tmp_path, family, adapter, changes, field):
+    """"post_add" without a norm to add before, or without original_ln_before: the adapters library fails."""
+    d = copy_fixture(tmp_path, family, adapter)
+    edit_config(d, **changes)
     model = build(family)
     snap = snapshot(model)
     with pytest.raises(NotImplementedError, match=field):
-        load_adapterhub(model, os.path.join(FIXTURES, family, adapter))
+        load_adapterhub(model, d)
     assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("field,value", [
-    ("original_ln_before", True), ("original_ln_after", False), ("is_parallel", True), ("ln_before", True),
-    ("ln_after", True), ("phm_layer", True), ("use_gating", True), ("scaling", "learned"), ("scaling", "channel"),
-    ("inv_adapter", "nice"), ("cross_adapter", True), ("dropout", 0.1), ("stochastic_depth", 0.1),
+    ("ln_before", True), ("ln_after", True), ("phm_layer", True), ("use_gating", True), ("inv_adapter", "nice"),
+    ("cross_adapter", True), ("dropout", 0.1), ("stochastic_depth", 0.1),
     ("non_linearity", "tanh"), ("non_linearity", "leakyrelu"), ("architecture", "lora"),
     ("architecture", "prefix_tuning"),
 ])
@@ -362,8 +407,9 @@ def test_missing_and_bad_files(tmp_path):
     (dict(reduction_factor={"1": 4}), "neither layer 0 nor 'default'"),
     (dict(mh_adapter="yes"), "'mh_adapter' must be true or false"),
     (dict(leave_out="0"), "'leave_out' must be a list"),
+    (dict(scaling="huge"), "'scaling' must be a number, 'learned' or 'channel'"),
     (dict(mh_adapter=False, output_adapter=False), "enables no location"),
-], ids=["hidden_size", "config-str", "rf-negative", "rf-no-default", "bool-type", "leave_out", "nothing"])
+], ids=["hidden_size", "config-str", "rf-negative", "rf-no-default", "bool-type", "leave_out", "scaling", "nothing"])
 def test_invalid_config_values(tmp_path, changes, match):
     d = copy_fixture(tmp_path)
     edit_config(d, **changes)

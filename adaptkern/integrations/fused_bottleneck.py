@@ -1,0 +1,164 @@
+"""Bottleneck adapters that read the residual stream (AdapterHub ``seq_bn``, ``par_bn``, ``scaled_par_bn``
+and their variants), placed in BERT-style and Llama-style layers on the norm-fused op.
+
+AdapterHub's formula (``adapters`` 1.3, ``methods.modeling``) with h the sub-block's output Linear
+(after BERT's hidden dropout), r the sub-block's residual input and LN its LayerNorm (none on
+Llama-style models)::
+
+    sequential: x_ad = LN(h + r) if original_ln_before else h    (no LN: h + r)
+                res  = h (residual_before_ln true) | x_ad (false) | h + r ("post_add", LN only)
+                out  = res + s·A(x_ad)
+    parallel:   out  = h + s·A(r)
+    both:       y    = LN(out + r) if original_ln_after else out  (no LN: out + r)
+
+Every case is one call of :func:`adaptkern.bottleneck_norm.bottleneck_norm` with the adapter's
+input a and the coefficients of (h, r, LN(h + r)) given by :func:`placement`. On BERT-style
+layers the sub-block's output module (dense, dropout, LayerNorm) is replaced by
+:class:`NormBottleneckOutput` (same parameter names, same dropout: exact in training too). On
+Llama-style layers the decoder adds r itself after the Linear, so :class:`ResidualBottleneckLinear`
+replaces the Linear and returns y − r (its coefficient of r is one less); it reads r from a
+forward pre-hook on the norm that opens the sub-block, whose input is r.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..bottleneck_norm import bottleneck_norm
+
+
+def placement(cfg: dict, has_norm: bool) -> tuple[str, tuple[float, float, float], bool]:
+    """(adapter_input, (c_h, c_r, c_n), final_norm) of an AdapterHub BnConfig dict on a sub-block with
+    (BERT-style) or without (Llama-style) a norm after the residual; y as the module docstring gives it.
+    Raises NotImplementedError naming the field where the ``adapters`` library itself fails."""
+    rbl = cfg.get("residual_before_ln", True)
+    if cfg.get("is_parallel", False):
+        adapter_input, coeffs = "residual", [1.0, 0.0, 0.0]
+    elif cfg.get("original_ln_before", False):
+        adapter_input = "norm" if has_norm else "sum"
+        if rbl == "post_add" and not has_norm:
+            raise NotImplementedError("adapter config residual_before_ln='post_add' on a model without a norm after "
+                                      "the residual: the adapters library itself fails there (no residual is set)")
+        coeffs = {True: [1.0, 0.0, 0.0], "post_add": [1.0, 1.0, 0.0],
+                  False: [0.0, 0.0, 1.0] if has_norm else [1.0, 1.0, 0.0]}[rbl]
+    else:
+        if rbl == "post_add":
+            raise NotImplementedError("adapter config residual_before_ln='post_add' with original_ln_before=false: "
+                                      "the adapters library itself fails there (no residual is set)")
+        adapter_input, coeffs = "output", [1.0, 0.0, 0.0]
+    final = bool(cfg.get("original_ln_after", True))
+    if final:
+        coeffs[1] += 1.0
+    return adapter_input, tuple(coeffs), final and has_norm
+
+
+class FusedBottleneck(nn.Module):
+    """One adapter's parameters: down [R, H] (+ bias), up [H, R] (+ bias), and, when learned, its
+    scaling ([1], or [H] per channel); ``scale`` holds a constant scaling."""
+
+    def __init__(self, hidden: int, size: int, *, activation: str, scaling, adapter_input: str, coefficients,
+                 final_norm: bool, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.down_weight = nn.Parameter(torch.zeros(size, hidden, **kw))
+        self.down_bias = nn.Parameter(torch.zeros(size, **kw))
+        self.up_weight = nn.Parameter(torch.zeros(hidden, size, **kw))
+        self.up_bias = nn.Parameter(torch.zeros(hidden, **kw))
+        self.scale: Optional[float] = None
+        if scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1, **kw))
+        elif scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(hidden, **kw))
+        else:
+            self.scale = float(scaling)
+        self.activation = activation
+        self.adapter_input = adapter_input
+        self.coefficients = tuple(coefficients)
+        self.final_norm = final_norm
+
+    def scale_value(self):
+        return self.scale if self.scale is not None else self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"{self.down_weight.shape[1]} -> {self.down_weight.shape[0]} -> {self.up_weight.shape[0]}, "
+                f"activation={self.activation!r}, input={self.adapter_input!r}, coefficients={self.coefficients}, "
+                f"final_norm={self.final_norm}")
+
+
+def _run(adapter: FusedBottleneck, x, weight, bias, residual, coefficients, norm: Optional[nn.Module],
+         final_norm: bool):
+    needs_norm = final_norm or adapter.adapter_input == "norm" or coefficients[2] != 0.0
+    return bottleneck_norm(
+        x, weight, bias, residual, adapter.down_weight, adapter.down_bias, adapter.up_weight, adapter.up_bias,
+        scale=adapter.scale_value(), activation=adapter.activation, adapter_input=adapter.adapter_input,
+        coefficients=coefficients, norm="layernorm" if needs_norm else "none",
+        norm_weight=norm.weight if needs_norm else None, norm_bias=norm.bias if needs_norm else None,
+        eps=norm.eps if needs_norm else 1e-5, final_norm=final_norm)
+
+
+class NormBottleneckOutput(nn.Module):
+    """A BERT-style sub-block output (``dense`` → ``dropout`` → ``LayerNorm(· + input_tensor)``) with
+    fused bottleneck adapters; ``active_adapter`` None runs the original computation."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = block.dense, block.dropout, block.LayerNorm
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        if self.active_adapter is None:
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        adapter = self.adapters[self.active_adapter]
+        x, weight, bias = hidden_states, self.dense.weight, self.dense.bias
+        if self.training and self.dropout.p > 0:  # h is dropped before the adapter reads it
+            x, weight, bias = self.dropout(self.dense(hidden_states)), None, None
+        return _run(adapter, x, weight, bias, input_tensor, adapter.coefficients, self.LayerNorm, adapter.final_norm)
+
+
+class ResidualBottleneckLinear(nn.Module):
+    """A Llama-style sub-block's output Linear with fused bottleneck adapters that read the residual r
+    (set by a forward pre-hook on the sub-block's opening norm). Returns y − r: the decoder adds r."""
+
+    def __init__(self, linear: nn.Linear, residual_source: nn.Module):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self._residual: Optional[Tensor] = None
+        residual_source.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        self._residual = args[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.active_adapter is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        residual, self._residual = self._residual, None
+        if residual is None or residual.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError("ResidualBottleneckLinear runs inside its decoder layer only: the residual stream "
+                               "(the input of the sub-block's norm) was not seen in this forward")
+        adapter = self.adapters[self.active_adapter]
+        c_h, c_r, c_n = adapter.coefficients
+        return _run(adapter, x, self.weight, self.bias, residual, (c_h, c_r - 1.0, c_n), None, False)
+
+
+def fused_modules(model: nn.Module, name: Optional[str] = None) -> dict:
+    """{module name: module} of the fused-bottleneck holders in ``model`` (those holding ``name``)."""
+    kinds = (NormBottleneckOutput, ResidualBottleneckLinear)
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, kinds) and (name is None or name in m.adapters)}
+
+
+def set_fused_adapter(model: nn.Module, name: Optional[str]) -> None:
+    """Activate adapter ``name`` (None: none) on every fused-bottleneck holder of ``model``."""
+    holders = fused_modules(model)
+    if name is not None and not any(name in m.adapters for m in holders.values()):
+        raise ValueError(f"no fused bottleneck adapter named {name!r} in {type(model).__name__}")
+    for m in holders.values():
+        m.active_adapter = name if name in m.adapters else None
