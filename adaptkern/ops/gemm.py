@@ -1,6 +1,7 @@
 """The generic dual GEMM ``C = α₁·P₁·Q₁ + α₂·P₂·Q₂ + bias₁ + α₂·bias₂`` with optional
-activation epilogues, dropout of whichever operand is x, and split-K: the shrink and main
-GEMM of the split route and every backward product of both ops."""
+activation epilogues, an optional per-column scale (DoRA's ``g ⊙ (…) + b``), dropout of
+whichever operand is x, and split-K: the shrink and main GEMM of the split route and every
+backward product of the ops."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def _dual_gemm_kernel(
     bias1_ptr,  # [N]    added once
     bias2_ptr,  # [N]    added times alpha2
     z_ptr,  # [M, N] fp32: written before f (EPILOGUE 1, STORE_Z) or read for f'(z) (EPILOGUE 2)
+    #        (HAS_COL_SCALE with STORE_Z: the unscaled sum, in z's dtype)
     seed_ptr,  # [1] int64 (DROP != 0)
+    col_ptr,  # [N] fp32: per-column scale (HAS_COL_SCALE)
     M, N, K1, K2,
     stride_cm, stride_cn, stride_p1m, stride_p1k, stride_q1k, stride_q1n,
     stride_p2m, stride_p2k, stride_q2k, stride_q2n, stride_zm, stride_zn,
@@ -40,7 +43,7 @@ def _dual_gemm_kernel(
     EPILOGUE: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr, DROP: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_K2: tl.constexpr = 16,
+    BLOCK_K2: tl.constexpr = 16, HAS_COL_SCALE: tl.constexpr = False,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -91,6 +94,14 @@ def _dual_gemm_kernel(
         acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * alpha1
 
+    if HAS_COL_SCALE:
+        # C = g ⊙ (α₁·P₁·Q₁ + α₂·P₂·Q₂) + biases; with STORE_Z (and no activation epilogue)
+        # z keeps the unscaled sum, in z's own dtype.
+        if STORE_Z:
+            tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn, acc,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        acc = acc * tl.load(col_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+
     if pid_k == 0:
         if HAS_BIAS1:
             acc += tl.load(bias1_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
@@ -133,13 +144,16 @@ def _aligned(*operands) -> bool:
 
 def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
          epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
-         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False):
-    """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2).
+         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False, col_scale=None):
+    """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2); with
+    ``col_scale`` g (and no activation epilogue): out = g ⊙ (α₁·p1·q1 + α₂·p2·q2) + bias1 +
+    α₂·bias2, and ``store_z`` writes the unscaled α₁·p1·q1 + α₂·p2·q2 to z (in z's dtype).
 
     Shapes: out [M, N], p1 [M, K1], q1 [K1, N], p2 [M, K2], q2 [K2, N], bias [N], z [M, N]
-    fp32; any strides (1-D bias vectors contiguous). With ``allow_split_k`` (backward only:
+    fp32 (any floating dtype with ``col_scale``), col_scale [N] fp32 (fp64 for fp64
+    operands); any strides (1-D vectors contiguous). With ``allow_split_k`` (backward only:
     the atomics make the summation order vary), a contiguous float32 ``out`` with no
-    epilogue and no second product may be reduced with split-K; it is zero-filled first.
+    epilogue, no second product and no z may be reduced with split-K; it is zero-filled first.
     """
     m, n = out.shape
     k1 = p1.shape[1]
@@ -153,7 +167,7 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits = 1
     if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
-            and out.is_contiguous()):
+            and out.is_contiguous() and not store_z):
         splits = config.split_k(tiles, k1, cfg.block_k, out.device)
     if splits > 1:
         out.zero_()
@@ -162,11 +176,12 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
         p2 if p2 is not None else out, q2 if q2 is not None else out,
         bias1 if bias1 is not None else out, bias2 if bias2 is not None else out,
         z if z is not None else out, seed if seed is not None else out,
+        col_scale if col_scale is not None else out,
         m, n, k1, k2,
         *out.stride(), *p1.stride(), *q1.stride(), *strides_of(p2), *strides_of(q2), *strides_of(z),
         alpha1, alpha2, dropout_p, drop_ld,
         HAS_SECOND=p2 is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
-        EPILOGUE=epilogue, STORE_Z=store_z, ACT=act, DROP=drop, SPLIT_K=splits,
+        EPILOGUE=epilogue, STORE_Z=store_z, ACT=act, DROP=drop, SPLIT_K=splits, HAS_COL_SCALE=col_scale is not None,
         **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
