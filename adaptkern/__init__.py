@@ -4,22 +4,32 @@ The frozen matmul, the adapter bottleneck and its residual run as one fused kern
 (forward and backward), behind ``AdapterLinear``, a drop-in ``nn.Linear``.
 """
 
+from .bottleneck_norm import bottleneck_norm
+from .dora import dora_linear, dora_weight_norm
 from .functional import adapter_linear, bottleneck_linear, lora_linear
+from .manager import AdapterManager
 from .mixed import mixed_adapter_linear, mixed_lora_linear
 from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter, adapter_batch
 from .pool import AdapterPool
+from .quantized import QuantizedWeight, qlora_linear
 
 __all__ = [
     "AdapterLinear",
+    "AdapterManager",
     "AdapterPool",
     "BottleneckAdapter",
     "LoraAdapter",
+    "QuantizedWeight",
     "adapter_batch",
     "adapter_linear",
     "bottleneck_linear",
+    "bottleneck_norm",
+    "dora_linear",
+    "dora_weight_norm",
     "lora_linear",
     "mixed_adapter_linear",
     "mixed_lora_linear",
+    "qlora_linear",
 ]
 __version__ = "0.1.0"
 
