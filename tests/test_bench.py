@@ -117,3 +117,28 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     log = []
     assert plot.plot(_data("cpu", _rows()), tmp_path / "x.png", log.append) is None
     assert "matplotlib" in log[0] and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_fuse_peft_impl_is_the_peft_layer_on_the_fused_kernels(mode):
+    """``fuse_peft`` times the real peft layer after fuse_peft: PEFT's result (float64 oracle, the unfused
+    peft layer as the eager error), computed by adaptkern's kernels (launch count)."""
+    pytest.importorskip("peft")
+    from adaptkern.bench import impls
+    from adaptkern.testing import assert_close
+
+    from .helpers import count_launches
+
+    case = cases.Case("core", "lora", 24, 40, 36, 4, dtype="float32")
+    inp = cases.make_core_inputs(case, "cpu")
+    with count_launches() as launches:
+        fused = impls.build(case, "fuse_peft", mode, inp, "cpu")()
+    assert launches["_adapter_linear_onepass_kernel"] + launches["_adapter_linear_split_kernel"] == 1, launches
+    peft32 = impls.build(case, "peft", mode, inp, "cpu")()
+    inp64 = cases.CoreInputs(**{f: (v.double().detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
+                                    else v) for f, v in vars(inp).items()})
+    peft64 = impls.build(case, "peft", mode, inp64, "cpu")()
+    for name, o, e, r in zip(("y",) if mode == "forward" else ("dx", "dA", "dB"),
+                             (fused,) if mode == "forward" else fused, (peft32,) if mode == "forward" else peft32,
+                             (peft64,) if mode == "forward" else peft64):
+        assert_close(name, r, o, e)

@@ -12,6 +12,8 @@ Implementations (``impl`` in the results file):
                      adapter its rows, with row indices built once outside the timing).
 * ``peft``           the real ``peft`` LoRA layer (``inject_adapter_in_model``) holding the same
                      weights. LoRA, core suite only; absent when peft is not importable.
+* ``fuse_peft``      that same peft layer after ``adaptkern.integrations.peft_fuse.fuse_peft``: what a
+                     PEFT user gets from one call (PEFT's control flow around the fused op).
 * ``compiled_eager`` ``torch.compile(eager, dynamic=False)`` (dynamo reset before each case).
                      Core suite only; left out on a CPU (inductor's C++ build takes ~20 s a shape).
 * ``base_linear``    the frozen ``F.linear`` alone: the floor.
@@ -36,7 +38,7 @@ from adaptkern.ops.adapter_linear import reference
 
 from .cases import Case, CoreInputs, MixedInputs
 
-IMPLS = ("fused", "eager", "peft", "compiled_eager", "base_linear")
+IMPLS = ("fused", "eager", "peft", "fuse_peft", "compiled_eager", "base_linear")
 MIXED_IMPLS = ("fused", "eager", "base_linear")  # what applies to the mixed suite
 
 
@@ -166,10 +168,14 @@ def build(case: Case, impl: str, mode: str, inp, device) -> Callable[[], object]
         return _with_mode(lambda: fused_core(case, inp, folded), wrt, inp.dy, mode)
     if impl == "eager":
         return _with_mode(lambda: eager_core(case, inp), wrt, inp.dy, mode)
-    if impl == "peft":
+    if impl in ("peft", "fuse_peft"):
         if case.kind != "lora":
             raise Unavailable("peft has no bottleneck adapters")
         layer = make_peft_lora(inp, case.scale)
+        if impl == "fuse_peft":
+            from adaptkern.integrations.peft_fuse import fuse_peft
+
+            fuse_peft(layer, strict=True)
         wrt = [inp.x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         return _with_mode(lambda: layer(inp.x), wrt, inp.dy, mode)
     if torch.device(device).type != "cuda":  # compiled_eager

@@ -12,9 +12,11 @@ every linear layer except the output head.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -162,8 +164,10 @@ def add_lora(model: nn.Module, name: str, r: int, *, target_modules: TargetModul
     first adapter of a model becomes active (see :func:`set_adapter`); adding another keeps the
     active one. Only adapter parameters require grad (the whole base model is frozen, as PEFT
     does). Returns ``model``; raises before changing anything if ``name`` is taken on a
-    selected layer or the arguments are invalid.
+    selected layer or the arguments are invalid, and TypeError for a PeftModel or a model
+    holding PEFT layers (pointing at ``fuse_peft``).
     """
+    refuse_peft_layers(model, "add_lora")
     args = lora_arguments(r, alpha, dropout, use_rslora, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _add_adapter(model, name, target_modules, lambda layer: layer.add_lora(name, **args))
 
@@ -181,6 +185,23 @@ def add_bottleneck(model: nn.Module, name: str, rank: int, *, target_modules: Ta
     args = bottleneck_arguments(rank, activation, placement, scale)
     rank = args.pop("rank")
     return _add_adapter(model, name, target_modules, lambda layer: layer.add_bottleneck(name, rank, **args))
+
+
+def refuse_peft_layers(model: nn.Module, verb: str) -> None:
+    """Raise TypeError if ``model`` is a PeftModel or holds PEFT tuner layers: adaptkern's patch mode
+    would wrap PEFT's inner base layers and PEFT's adapters would run beside its own."""
+    kind = type(model).__name__
+    if type(model).__module__.startswith("peft."):
+        raise TypeError(f"{verb}: model is a PEFT {kind}. To keep PEFT and run its LoRA layers on adaptkern's "
+                        f"kernels call adaptkern.fuse_peft(model); to use adaptkern's adapters instead, pass a "
+                        f"plain transformers model (model.merge_and_unload() or model.unload() gives one; "
+                        f"model.get_base_model() still holds PEFT's layers)")
+    inner = next((n for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners")), None)
+    if inner is not None:
+        raise TypeError(f"{verb}: {kind} holds PEFT layers ({inner!r} is a {type(model.get_submodule(inner)).__name__}"
+                        f"), e.g. the model of a PeftModel's get_base_model(). Call adaptkern.fuse_peft on the "
+                        f"PeftModel to run them on adaptkern's kernels, or pass a plain model (PeftModel."
+                        f"merge_and_unload() or unload())")
 
 
 def _add_adapter(model: nn.Module, name: str, target_modules: TargetModules, add) -> nn.Module:
@@ -233,3 +254,98 @@ def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.
     if name is None:
         return [p for m in modules.values() for p in m.adapters.parameters()]
     return [p for m in modules.values() for p in m.adapters[name].parameters()]
+
+
+def _plain_layer(layer: AdapterLinear) -> nn.Module:
+    """An ``nn.Linear`` (a ``Conv1D`` for a :class:`Conv1DAdapter`) holding ``layer``'s own weight and bias."""
+    plain = Conv1D.__new__(Conv1D) if isinstance(layer, Conv1DAdapter) else nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(plain)
+    if isinstance(layer, Conv1DAdapter):
+        plain.nf, plain.nx = layer.out_features, layer.in_features
+    else:
+        plain.in_features, plain.out_features = layer.in_features, layer.out_features
+    plain.register_parameter("weight", layer._parameters["weight"])
+    plain.register_parameter("bias", layer.bias)
+    plain.train(layer.training)
+    return plain
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold each layer's active LoRA adapter into its weight and put plain layers back, in place.
+
+    Semantics: every ``AdapterLinear`` becomes the ``nn.Linear`` (``Conv1D``) it was, holding its
+    own weight and bias Parameters with W ← W + scale·B·A of the layer's active LoRA adapter
+    (see :meth:`AdapterLinear.merge`; a layer with none active keeps W); every adapter is
+    dropped, so outputs equal the merged model's and the state dict is the base model's.
+    Returns ``model``. Raises ValueError, before changing anything, if a layer's active adapter
+    is a bottleneck (it cannot be folded into W) or if a merge would give NaN or Inf.
+    """
+    layers = adapter_modules(model)
+    merges = {}
+    for n, m in layers.items():
+        active = m.active_adapter
+        if active is not None and m.adapters[active].kind != "lora":
+            raise ValueError(f"{n!r}: active adapter {active!r} is a {m.adapters[active].kind} adapter, which "
+                             f"cannot be merged into the weight; set_adapter(model, None) to drop it")
+        if active is not None and active != m.merged_adapter:  # as AdapterLinear.merge: in >= float32
+            w = m.weight
+            merges[n] = (w.detach().to(torch.promote_types(w.dtype, torch.float32))
+                         + m.adapters[active].delta_weight(torch.promote_types(w.dtype, torch.float32))).to(w.dtype)
+            if not bool(torch.isfinite(merges[n]).all()):
+                raise ValueError(f"{n!r}: merging adapter {active!r} gives NaN or Inf in {w.dtype}; nothing changed")
+    for n, m in layers.items():
+        if n in merges:
+            with torch.no_grad():
+                m.weight.copy_(merges[n].detach())
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, _plain_layer(m))
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every ``AdapterLinear`` of ``model`` runs its base alone; the active
+    adapters come back after it.
+
+    Semantics: as PEFT's ``disable_adapter()``: y = x·Wᵀ + b everywhere; a merged layer
+    unmerges first (with a warning) and stays unmerged, its adapter active, afterwards.
+    """
+    layers = adapter_modules(model)
+    active = {n: m.active_adapter for n, m in layers.items()}
+    for m in layers.values():
+        m.set_adapter(None)
+    try:
+        yield model
+    finally:
+        for n, m in layers.items():
+            m.set_adapter(active[n])
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (its Parameters and state dict keys) from every layer holding it.
+
+    Semantics: as PEFT: if it was the active adapter, the first remaining adapter of the model
+    (in layer order) becomes active where layers hold it, the base elsewhere; base only if none
+    remains. Raises ValueError, before changing anything, if no layer has ``name`` or a layer
+    has it merged into its weight.
+    """
+    holders = _require_adapter(model, name)
+    merged = [n for n, m in holders.items() if m.merged_adapter == name]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into the weight of {merged[:3]}; unmerge() first")
+    was_active = any(m.active_adapter == name for m in holders.values())
+    for m in holders.values():
+        m.delete_adapter(name)
+    if was_active:
+        remaining = [a for m in adapter_modules(model).values() for a in m.adapters]
+        set_adapter(model, remaining[0] if remaining else None)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's ``print_trainable_parameters`` line, returned:
+    "trainable params: T || all params: A || trainable%: 100·T/A" (shared Parameters counted once)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    share = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"

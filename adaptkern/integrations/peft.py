@@ -9,7 +9,8 @@ legacy ``adapter_model.bin``) with, for every targeted module ``<path>`` of the 
 
 Loading is strict and atomic: the config, the file and every tensor are validated before
 the model is touched, so a failed load leaves the model exactly as it was. The ``peft``
-package is needed only by :func:`from_peft_model`.
+package is needed only by :func:`from_peft_model`; where it imports, :func:`save_peft` writes
+every field of its ``LoraConfig``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from .. import validation as check
 from ..nn import AdapterLinear
 from .checkpoint_io import read_json_object, read_state_dict
-from .patching import (Conv1DAdapter, adapter_modules, freeze_base, name_matches, patch, set_adapter,
-                       target_module_names)
+from .patching import (Conv1DAdapter, adapter_modules, freeze_base, name_matches, patch, refuse_peft_layers,
+                       set_adapter, target_module_names)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -197,6 +198,7 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
     convert such an adapter with PEFT's ``save_pretrained(...,
     path_initial_model_for_weight_conversion=...)`` first.
     """
+    refuse_peft_layers(model, "load_peft")
     cfg = _check_config(read_json_object(os.path.join(path, CONFIG_NAME)))
     names = _select_targets(model, cfg)
     _check_free_name(model, adapter_name)
@@ -264,7 +266,43 @@ def _target_list(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(targets)
 
 
-def save_peft(model: nn.Module, path: str, adapter_name: str = "default") -> None:
+# PEFT's TaskType values, and the one a transformers model class implies (by its name's ending).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_TASK_BY_SUFFIX = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                   ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def infer_task_type(model: nn.Module):
+    """PEFT's task_type for ``model``: CAUSAL_LM for ``*ForCausalLM``, SEQ_CLS, TOKEN_CLS,
+    QUESTION_ANS likewise, SEQ_2_SEQ_LM for an encoder-decoder ``*ForConditionalGeneration``,
+    FEATURE_EXTRACTION for a bare ``*Model``; None when the class says nothing (e.g. masked LM)."""
+    name = type(model).__name__
+    for suffix, task in _TASK_BY_SUFFIX:
+        if name.endswith(suffix):
+            return task
+    config = getattr(model, "config", None)
+    if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    if name.endswith("Model") and not name.endswith("PreTrainedModel"):
+        return "FEATURE_EXTRACTION"
+    return None
+
+
+def _write_config(config: dict, path: str) -> None:
+    """adapter_config.json: through PEFT's own ``LoraConfig`` (every field PEFT writes) where peft
+    imports, else the fields adaptkern knows."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        pass
+    else:
+        full = LoraConfig(**config).to_dict()  # PEFT's defaults for every other field (sets -> sorted lists)
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in full.items()} | config
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def save_peft(model: nn.Module, path: str, adapter_name: str = "default", *, task_type=None) -> None:
     """Write LoRA adapter ``adapter_name`` of ``model`` as a PEFT LoRA directory at ``path``.
 
     Semantics: the inverse of :func:`load_peft`: ``PeftModel.from_pretrained(base, path)``
@@ -273,8 +311,13 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default") -> Non
     ``lora_alpha``; other layers go to ``rank_pattern`` / ``alpha_pattern`` keyed by their
     escaped full module name. Raises ValueError if no layer has ``adapter_name``, if it is
     not a LoRA adapter, or if its layers disagree on use_rslora or dropout (which PEFT
-    cannot express per layer).
+    cannot express per layer). ``task_type`` (one of :data:`TASK_TYPES`; None: inferred from
+    the model class by :func:`infer_task_type`) lets ``AutoPeftModelFor*`` load the directory.
     """
+    if task_type is None:
+        task_type = infer_task_type(model)
+    elif task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
     modules = adapter_modules(model, adapter_name)
     if not modules:
         raise ValueError(f"adapter_name {adapter_name!r}: no layer of the model has this adapter")
@@ -293,7 +336,7 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default") -> Non
     names = sorted(adapters)
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "inference_mode": True,
         "r": r,
@@ -312,8 +355,7 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default") -> Non
         tensors[f"{PREFIX}{n}.lora_A.weight"] = adapters[n].lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{n}.lora_B.weight"] = adapters[n].lora_B.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    _write_config(config, path)
     save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
 
 

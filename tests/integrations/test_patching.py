@@ -220,3 +220,89 @@ def test_adding_a_second_adapter_keeps_the_active_one_everywhere():
         assert torch.equal(model(**inputs).logits, y_a)
     set_adapter(model, "b")
     assert {m.active_adapter for m in adapter_modules(model).values()} == {"b"}
+
+
+# -- model-level verbs PEFT users expect ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_and_unload_gives_the_plain_merged_model(arch):
+    from adaptkern.integrations.patching import merge_and_unload
+
+    from ..models import randomize_lora_b
+
+    base = build(arch)
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "down_proj"]
+    model = add_lora(copy.deepcopy(base), "a", r=4, alpha=8, target_modules=targets)
+    randomize_lora_b(model)
+    inputs = model_inputs(arch)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        want64 = copy.deepcopy(model).double()(**inputs).logits
+        plain = merge_and_unload(model)
+        got = plain(**inputs).logits
+    assert plain is model and not adapter_modules(plain)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
+    assert list(plain.state_dict()) == list(base.state_dict())
+    assert_close("merged logits", want64, got, want)
+
+
+def test_merge_and_unload_refuses_bottleneck_unchanged():
+    from adaptkern.integrations.patching import merge_and_unload
+
+    model = add_lora(tiny_llama(), "a", r=2, target_modules=["q_proj"])
+    add_bottleneck(model, "bn", 4, target_modules=["v_proj"])
+    set_adapter(model, "bn")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="bottleneck adapter, which cannot be merged"):
+        merge_and_unload(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and adapter_modules(model)
+
+
+def test_disable_delete_and_trainable_summary():
+    from peft import LoraConfig, get_peft_model
+
+    from adaptkern.integrations.patching import delete_adapter, disable_adapters, trainable_summary
+
+    from ..models import randomize_lora_b
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    model = add_lora(copy.deepcopy(base), "a", r=4, target_modules=["q_proj", "v_proj"])
+    add_lora(model, "b", r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["v_proj", "up_proj"])
+    randomize_lora_b(model)
+    assert {m.active_adapter for m in adapter_modules(model).values()} == {"a", None}  # adding kept "a" active
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with disable_adapters(model):
+            assert torch.equal(model(**inputs).logits, base(**inputs).logits)
+        assert torch.equal(model(**inputs).logits, adapted)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj", "up_proj"]))
+    for n, p in pm.named_parameters():
+        p.requires_grad_(".a." in n or "lora_" in n)
+    peft_trainable, peft_total = pm.get_nb_trainable_parameters()
+    assert trainable_summary(model) == (f"trainable params: {peft_trainable:,d} || all params: {peft_total:,d} || "
+                                        f"trainable%: {100 * peft_trainable / peft_total:.4f}")
+    delete_adapter(model, "a")
+    assert {m.active_adapter for m in adapter_modules(model).values()} == {"b", None}
+    assert not any(".adapters.a." in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="no adapter named 'a'"):
+        delete_adapter(model, "a")
+
+
+def test_peft_models_are_refused_with_a_pointer_to_fuse_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from adaptkern.integrations import load_peft
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path)
+    types = [type(m) for m in pm.modules()]
+    for model in (pm, pm.get_base_model()):
+        with pytest.raises(TypeError, match="fuse_peft"):
+            add_lora(model, "x", r=2, target_modules=["k_proj"])
+        with pytest.raises(TypeError, match="fuse_peft"):
+            load_peft(model, str(tmp_path), adapter_name="x")
+    assert [type(m) for m in pm.modules()] == types

@@ -361,3 +361,29 @@ def test_from_peft_model_refuses_unsupported_unchanged():
     pm.merge_adapter()
     with pytest.raises(NotImplementedError, match="merged"):
         from_peft_model(pm)
+
+
+@pytest.mark.parametrize("arch, task", [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", None)])
+def test_save_peft_task_type_and_auto_peft_model(arch, task, tmp_path):
+    """save_peft infers PEFT's task_type from the model class and writes PEFT's own config fields, so
+    AutoPeftModelFor* loads the directory (the base model from base_model_name_or_path)."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
+
+    build, targets, extra, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    base = build().eval()
+    base.save_pretrained(tmp_path / "base")
+    base.config._name_or_path = str(tmp_path / "base")
+    ours = add_lora(copy.deepcopy(base), "default", r=4, alpha=8, target_modules=targets[:2])
+    randomize_lora_b(ours)
+    save_peft(ours, str(tmp_path / "adapter"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == task and cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    assert {"peft_version", "modules_to_save", "use_dora", "layers_to_transform"} <= set(cfg)
+    if task is not None:
+        auto = {"CAUSAL_LM": AutoPeftModelForCausalLM, "SEQ_2_SEQ_LM": AutoPeftModelForSeq2SeqLM}[task]
+        outputs_match_peft(auto.from_pretrained(tmp_path / "adapter"), ours, arch)
+    save_peft(ours, str(tmp_path / "seq_cls"), task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "seq_cls" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    with pytest.raises(ValueError, match="task_type must be None or one of"):
+        save_peft(ours, str(tmp_path / "bad"), task_type="causal")
