@@ -37,7 +37,9 @@ __version__ = "0.1.0"
 _INTEGRATIONS = {
     "patch": "patching", "add_lora": "patching", "add_bottleneck": "patching", "set_adapter": "patching",
     "adapter_parameters": "patching", "load_peft": "peft", "save_peft": "peft", "from_peft_model": "peft",
-    "load_adapterhub": "adapterhub",
+    "load_adapterhub": "adapterhub", "fuse_peft": "peft_fuse", "unfuse_peft": "peft_fuse",
+    "merge_and_unload": "patching", "disable_adapters": "patching", "delete_adapter": "patching",
+    "trainable_summary": "patching",
 }
 __all__ += sorted(_INTEGRATIONS)
 

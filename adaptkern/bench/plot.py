@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 from .report import CPU_CAVEAT, IMPL_TITLES, on_gpu, table_rows
 
-COLORS = {"fused": "tab:green", "eager": "tab:red", "peft": "tab:orange", "compiled_eager": "tab:blue",
-          "base_linear": "tab:gray"}
+COLORS = {"fused": "tab:green", "eager": "tab:red", "peft": "tab:orange", "fuse_peft": "tab:purple",
+          "compiled_eager": "tab:blue", "base_linear": "tab:gray"}
 
 
 def _bars(data: dict) -> dict:

@@ -28,8 +28,9 @@ from ..ops.config import gpu_slug
 
 CASE_KEYS = ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype")
 ROW_KEYS = CASE_KEYS + ("impl", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb")
-IMPL_TITLES = {"fused": "fused", "eager": "eager", "peft": "peft", "compiled_eager": "compiled",
-               "base_linear": "F.linear"}
+IMPL_TITLES = {"fused": "fused", "eager": "eager", "peft": "peft", "fuse_peft": "peft+fuse",
+               "compiled_eager": "compiled", "base_linear": "F.linear"}
+BASELINES = ("eager", "peft", "fuse_peft", "compiled_eager")  # the impls each ratio column divides by fused
 CPU_CAVEAT = "CPU smoke test, not a measurement"
 NOISY_MARK = "~"
 
@@ -97,7 +98,7 @@ def table_rows(data: dict) -> list[dict]:
         ms = {i: r["median_ms"] for i, r in impls.items()}
         if on_gpu(data) and case is not None and "fused" in ms:
             fused = ms["fused"]
-            tr.update({f"{i}/fused": ms[i] / fused for i in ("eager", "peft", "compiled_eager") if i in ms})
+            tr.update({f"{i}/fused": ms[i] / fused for i in BASELINES if i in ms})
             if "base_linear" in ms:
                 tr["fused/F.linear"] = fused / ms["base_linear"]
             tr["roofline"] = timing.roofline_fraction(*work(case, mode), fused, data.get("ceilings"))
@@ -122,7 +123,7 @@ def _columns(data: dict, trs: list[dict]) -> list[tuple[str, object]]:
     if not on_gpu(data):
         return cols
     ratio = lambda key: lambda tr: "-" if tr.get(key) is None else f"{tr[key]:.2f}x"  # noqa: E731
-    cols += [(f"{IMPL_TITLES[i]}/fused", ratio(f"{i}/fused")) for i in ("eager", "peft", "compiled_eager")
+    cols += [(f"{IMPL_TITLES[i]}/fused", ratio(f"{i}/fused")) for i in BASELINES
              if i in present]
     cols += [("fused/F.linear", ratio("fused/F.linear")),
              ("roofline", lambda tr: "-" if tr.get("roofline") is None else f"{100 * tr['roofline']:.0f}%")]

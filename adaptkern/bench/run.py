@@ -14,7 +14,7 @@ import torch
 from . import cases, env, impls, report, timing
 from .check import check_case
 
-ORDER = ("base_linear", "fused", "eager", "peft", "compiled_eager")
+ORDER = ("base_linear", "fused", "eager", "peft", "fuse_peft", "compiled_eager")
 
 
 class UsageError(ValueError):
@@ -68,8 +68,8 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
         log(f"{report.CPU_CAVEAT}: no GPU here, so tiny shapes run and their times only show that the harness works.")
     if cuda_graph and not gpu:
         log("--cuda-graph ignored: no GPU")
-    if "peft" in wanted and not impls.peft_available():
-        log("peft column left out: the peft package is not importable (pip install -e '.[bench]')")
+    if {"peft", "fuse_peft"} & set(wanted) and not impls.peft_available():
+        log("peft and fuse_peft columns left out: the peft package is not importable (pip install -e '.[bench]')")
     ceilings = timing.ceilings(device) if gpu else None
     if ceilings:
         log(f"ceilings: bf16 matmul {ceilings['bf16_tflops']:.3g} TFLOP/s, copy {ceilings['copy_gbps']:.3g} GB/s")
@@ -98,7 +98,7 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
                     if impl == "base_linear":
                         floor[key] = t
                 except impls.Unavailable as e:
-                    if (impl, str(e)) not in noted and impl != "peft":
+                    if (impl, str(e)) not in noted and impl not in ("peft", "fuse_peft"):
                         log(f"    {impl} not timed: {e}")
                     noted.add((impl, str(e)))
                     continue
