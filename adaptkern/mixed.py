@@ -1,9 +1,10 @@
 """Mixed-adapter batches: every row of a batch may use a different adapter, or none.
 
-The raw-tensor op serving stacks call (``mixed_lora_linear``) and the pool-driven op
-(``mixed_adapter_linear``); both run ``adaptkern::mixed_adapter_linear`` through
-:func:`run_mixed`, the one launch path ``AdapterLinear``'s mixed forward uses too. An
-adapter id is a slot index; -1 (or any id outside [0, S)) means base only.
+The raw-tensor op serving stacks call (``mixed_lora_linear``, with output slices for packed
+q/k/v and gate/up projections) and the pool-driven op (``mixed_adapter_linear``); both run
+``adaptkern::mixed_adapter_linear``, the latter through :func:`run_mixed`, the launch path
+``AdapterLinear``'s mixed forward uses too. An adapter id is a slot index; -1 (or any id
+outside [0, S)) means base only. Wherever adapter ids are accepted, a ``SlotMapping`` is too.
 """
 
 from __future__ import annotations
@@ -19,25 +20,43 @@ from .ops.common import acc_dtype
 from .ops.mixed_adapter_linear import mixed_adapter_linear_op
 from .ops.mixed_adapter_linear import SlotStack
 from .pool import AdapterPool
+from .slot_mapping import SlotMapping, resolve_ids
 
 
-def run_mixed(x2: Tensor, weight: Tensor, bias: Optional[Tensor], stack: SlotStack, ids: Tensor) -> Tensor:
+def run_mixed(x2: Tensor, weight: Tensor, bias: Optional[Tensor], stack: SlotStack, ids) -> Tensor:
     """The one launch path of mixed batches: y [M, N] from ``adaptkern::mixed_adapter_linear``
-    (tensors already checked and in x's dtype)."""
-    need_z = any_requires_grad(x2, weight, bias, stack.down_weight, stack.down_bias, stack.up_weight, stack.up_bias)
-    return mixed_adapter_linear_op(x2, weight, bias, *stack, ids, need_z)[0]
+    (tensors already checked and in x's dtype). ``ids``: checked adapter ids [M], or a
+    :class:`~adaptkern.slot_mapping.SlotMapping` of M rows (its metadata is used, not rebuilt)."""
+    ids, sorted_rows, offsets = resolve_ids(ids, x2.shape[0], stack.down_weight.shape[0], validate=False,
+                                            device=x2.device)
+    return _run(x2, weight, bias, [stack.down_weight], stack.down_bias, [stack.up_weight], stack.up_bias,
+                stack.scales, stack.ranks, stack.acts, ids, sorted_rows, offsets)
 
 
-def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, validate_ids=True):
-    """LoRA linear where every row picks its adapter.
+def _run(x2, weight, bias, a_list, a_bias, b_list, b_bias, scales, ranks, acts, ids, sorted_rows, offsets):
+    need_z = any_requires_grad(x2, weight, bias, *a_list, a_bias, *b_list, b_bias)
+    return mixed_adapter_linear_op(x2, weight, bias, list(a_list), a_bias, list(b_list), b_bias, scales, ranks, acts,
+                                   ids, sorted_rows, offsets, need_z)[0]
 
-    Semantics: y_i = x_i·Wᵀ + b + scales[s]·(x_i·A_s[:r_s]ᵀ)·B_s[:, :r_s]ᵀ with s = adapter_ids[i];
-    adapter_ids[i] = -1 gives exactly the base result.
 
-    Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
-    lora_a [S, R_max, K], lora_b [S, N, R_max], adapter_ids [M] int32/int64 (or a list of
-    ints) in [-1, S), scales [S] float tensor, ranks [S] int tensor in [0, R_max] (None: R_max
-    for every slot) -> y [M, N] in x's dtype; M = 0 and K = 0 (y_i = b) included.
+def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales=None, ranks=None, output_slices=None,
+                      validate_ids=True):
+    """LoRA linear where every row picks its adapter, optionally with one LoRA per output slice.
+
+    Semantics: for row i with slot s = adapter_ids[i] in [0, S) and every slice j (columns
+    o_j = N_0 + … + N_{j-1} to o_j + N_j; one slice of all N columns without ``output_slices``):
+    y[i, o_j:o_j+N_j] = x_i·W_jᵀ + b_j + scales[s]·(x_i·A_{j,s}[:r_s]ᵀ)·B_{j,s}[:, :r_s]ᵀ;
+    adapter_ids[i] = -1 (or, unchecked, any id outside [0, S)) gives exactly the base result.
+    A slice a slot does not adapt is all zeros in that slot (so it adds nothing).
+
+    Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None;
+    without output_slices lora_a [S, R_max, K], lora_b [S, N, R_max]; with output_slices
+    (N_0, …, N_{n-1}) (sum N, e.g. q/k/v widths) lora_a and lora_b are sequences of n tensors,
+    lora_a[j] [S, R_max, K], lora_b[j] [S, N_j, R_max]; adapter_ids [M] int32/int64 (or a list
+    of ints) in [-1, S), or a :class:`~adaptkern.slot_mapping.SlotMapping` of M rows; scales [S]
+    float tensor (None: 1), ranks [S] int tensor in [0, R_max] (None: R_max for every slot) ->
+    y [M, N] in x's dtype; M = 0 and K = 0 (y_i = b) included. One fused launch family for the
+    base GEMM and every slice; a slot's rank bounds its work.
     Differentiable in x, lora_a, lora_b (and W, b when they require grad): each slot gets
     exactly the gradient of the rows that used it. ``scales`` is not differentiable: one
     that requires grad is refused.
@@ -49,36 +68,50 @@ def mixed_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
     """
     n, k = check.linear_input(x, weight)
     check.tensor("bias", bias, 1, optional=True)
-    check.tensor("lora_a", lora_a, 3)
-    check.tensor("lora_b", lora_b, 3)
-    s, r = lora_a.shape[:2]
-    if lora_a.shape[2] != k:
-        raise ValueError(f"lora_a must be [S, R_max, K] with K={k}: lora_a {tuple(lora_a.shape)}, "
-                         f"weight {tuple(weight.shape)}")
-    if tuple(lora_b.shape) != (s, n, r):
-        raise ValueError(f"lora_b must be [S, N, R_max] = {(s, n, r)} to match lora_a {tuple(lora_a.shape)} and "
-                         f"weight {tuple(weight.shape)}, got {tuple(lora_b.shape)}")
+    sliced = output_slices is not None
+    a_list = check.slices("lora_a", lora_a, 3, single=not sliced)
+    b_list = check.slices("lora_b", lora_b, 3, single=not sliced)
+    widths = check.output_slices(output_slices, len(a_list), n) if sliced else (n,)
+    if len(b_list) != len(a_list):
+        raise ValueError(f"lora_a has {len(a_list)} slices but lora_b has {len(b_list)}")
+    if not sliced:
+        s, r = lora_a.shape[:2]
+        if lora_a.shape[2] != k:
+            raise ValueError(f"lora_a must be [S, R_max, K] with K={k}: lora_a {tuple(lora_a.shape)}, "
+                             f"weight {tuple(weight.shape)}")
+        if tuple(lora_b.shape) != (s, n, r):
+            raise ValueError(f"lora_b must be [S, N, R_max] = {(s, n, r)} to match lora_a {tuple(lora_a.shape)} and "
+                             f"weight {tuple(weight.shape)}, got {tuple(lora_b.shape)}")
+    s, r = check.lora_stacks(a_list, b_list, k, widths)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    scales = check.slot_vector("scales", scales, s, floating=True)
-    ranks = check.slot_vector("ranks", ranks, s, floating=False, optional=True)
-    if scales.requires_grad and torch.is_grad_enabled():
-        raise ValueError("scales is not differentiable here; detach it (scales.detach())")
-    check.same_device(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, scales=scales, ranks=ranks))
     x = autocast_input(x)
     acc = acc_dtype(x.dtype)
+    scales = check.slot_vector("scales", scales, s, floating=True, optional=True)
+    ranks = check.slot_vector("ranks", ranks, s, floating=False, optional=True)
+    if scales is not None and scales.requires_grad and torch.is_grad_enabled():
+        raise ValueError("scales is not differentiable here; detach it (scales.detach())")
+    check.same_device(dict(x=x, weight=weight, bias=bias, scales=scales, ranks=ranks,
+                           **{f"lora_a[{i}]": t for i, t in enumerate(a_list)},
+                           **{f"lora_b[{i}]": t for i, t in enumerate(b_list)}))
     if check.value_checks_enabled(validate_ids):
-        if ranks is not None and bool(((ranks < 0) | (ranks > r)).any()):
-            raise ValueError(f"ranks must lie in [0, {r}] (R_max of lora_a {tuple(lora_a.shape)}), "
-                             f"got {ranks.tolist()}")
-        if not check.finite_in(scales, acc):
-            raise ValueError(f"scales must be finite in {acc}, got {scales.tolist()}")
+        check_slot_values(scales, ranks, r, acc, f"lora_a {tuple(a_list[0].shape)}")
     x2, lead = flatten_rows(x)
-    ids = check.adapter_ids(adapter_ids, x2.shape[0], s, validate=validate_ids, lead=lead, device=x.device)
-    stack = SlotStack(lora_a.to(x.dtype), None, lora_b.to(x.dtype), None, scales.to(acc),
-                      None if ranks is None else ranks.to(torch.int32), None)
-    y = run_mixed(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stack, ids)
+    ids, sorted_rows, offsets = resolve_ids(adapter_ids, x2.shape[0], s, validate=validate_ids, lead=lead,
+                                            device=x.device)
+    scales = torch.ones(s, dtype=acc, device=x.device) if scales is None else scales.to(acc)
+    y = _run(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), [a.to(x.dtype) for a in a_list],
+             None, [b.to(x.dtype) for b in b_list], None, scales, None if ranks is None else ranks.to(torch.int32),
+             None, ids, sorted_rows, offsets)
     return y.reshape(*lead, n)
+
+
+def check_slot_values(scales, ranks, r: int, acc, what: str) -> None:
+    """Host-side value checks (a sync): ranks in [0, r], scales finite in ``acc``."""
+    if ranks is not None and bool(((ranks < 0) | (ranks > r)).any()):
+        raise ValueError(f"ranks must lie in [0, {r}] (R_max of {what}), got {ranks.tolist()}")
+    if scales is not None and not check.finite_in(scales, acc):
+        raise ValueError(f"scales must be finite in {acc}, got {scales.tolist()}")
 
 
 def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, validate_ids=True):
@@ -89,7 +122,8 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
     bottleneck, or a sequential bottleneck folded through the base (A = D·W, a = D·b + d).
 
     Shapes: x [M, K] (or [..., K] with adapter_ids [...]), weight [N, K], bias [N] | None,
-    adapter_ids [M] int (or a list of ints) in [-1, pool.num_slots) -> y [M, N] in x's dtype;
+    adapter_ids [M] int (or a list of ints) in [-1, pool.num_slots), or a SlotMapping of M rows
+    and pool.num_slots slots -> y [M, N] in x's dtype;
     M = 0 and K = 0 included. Differentiable in x, and in W and b while the pool holds no
     sequential bottleneck: a sequential slot's fold A = D·W, a = D·b + d was computed at load
     time, outside autograd, so with grad enabled and W or b requiring grad such a pool raises
@@ -111,6 +145,9 @@ def mixed_adapter_linear(x, weight, bias, pool: AdapterPool, adapter_ids, *, val
                          f"AdapterLinear, whose fold is differentiable")
     x = autocast_input(x)
     x2, lead = flatten_rows(x)
-    ids = check.adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate=validate_ids, lead=lead, device=x.device)
+    ids = adapter_ids
+    if not isinstance(adapter_ids, SlotMapping):
+        ids = check.adapter_ids(adapter_ids, x2.shape[0], pool.num_slots, validate=validate_ids, lead=lead,
+                                device=x.device)
     y = run_mixed(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), pool.slot_stack(x.dtype), ids)
     return y.reshape(*lead, n)

@@ -179,3 +179,41 @@ def adapter_ids(ids, m: int, num_slots: int, *, validate: bool = True, lead: tup
             raise ValueError(f"adapter_ids[{row}] = {int(ids[row])} is out of range: valid ids are -1 (base only) "
                              f"and 0..{num_slots - 1} ({num_slots} slots)")
     return ids
+
+
+def slices(name: str, stacks, ndim: int, *, single: bool) -> list:
+    """``stacks`` as a list of floating ``ndim``-D tensors: one tensor (``single``) or a non-empty
+    list/tuple of them (the slices of a packed projection)."""
+    if single:
+        return [tensor(name, stacks, ndim)]
+    if not isinstance(stacks, (list, tuple)) or not stacks:
+        raise TypeError(f"{name} must be a non-empty list or tuple of tensors (one per output slice), "
+                        f"got {type(stacks).__name__}")
+    return [tensor(f"{name}[{i}]", t, ndim) for i, t in enumerate(stacks)]
+
+
+def output_slices(value, count: int, total: Optional[int] = None) -> tuple:
+    """Slice widths (N_0, …, N_{n-1}): ``count`` positive ints, summing to ``total`` when given."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, Integral) or v < 1
+                                                   for v in value):
+        raise TypeError(f"output_slices must be a list or tuple of positive ints, got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"output_slices has {len(value)} entries but there are {count} adapter slices")
+    if total is not None and sum(value) != total:
+        raise ValueError(f"output_slices {tuple(value)} must sum to weight.shape[0] = {total}, got {sum(value)}")
+    return tuple(int(v) for v in value)
+
+
+def lora_stacks(a_list: list, b_list: list, k: Optional[int], widths: Optional[tuple]) -> tuple[int, int]:
+    """a_list n × [S, R, K] and b_list n × [S, N_i, R] (N_i = widths[i] when given; K = k when given) -> (S, R)."""
+    s, r = tuple(a_list[0].shape[:2]) if a_list else (b_list[0].shape[0], b_list[0].shape[2])
+    for i, a in enumerate(a_list):
+        if tuple(a.shape[:2]) != (s, r) or (k is not None and a.shape[2] != k):
+            raise ValueError(f"lora_a[{i}] must be [S, R_max, K] = {(s, r, k if k is not None else a.shape[2])}, "
+                             f"got {tuple(a.shape)}")
+    for i, b in enumerate(b_list):
+        want = (s, widths[i] if widths is not None else b.shape[1], r)
+        if tuple(b.shape) != want:
+            raise ValueError(f"lora_b[{i}] must be [S, N_i, R_max] = {want} to match lora_a and output_slices, "
+                             f"got {tuple(b.shape)}")
+    return s, r

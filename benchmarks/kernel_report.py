@@ -102,8 +102,6 @@ class Launch:
 def capturing(record: list):
     """Launchers take their Triton path on CPU tensors; every JIT launch is recorded, not run."""
     patches = [(JITFunction, "run", None), (AL, "use_triton", lambda x: True), (MAL, "use_triton", lambda x: True)]
-    if hasattr(MAL, "align_rows") and hasattr(MAL, "align_rows_reference"):
-        patches.append((MAL, "align_rows", MAL.align_rows_reference))  # no native build; same dtypes
 
     def run(self, *args, grid, warmup, **kwargs):
         record.append((self, tuple(grid) if not callable(grid) else grid, args, kwargs))
@@ -153,7 +151,9 @@ def _role(fn, args, names) -> str:
     kname = fn.fn.__name__
     if kname not in _OPERANDS:
         return kname.strip("_")
-    ops = [names.get(args[i].data_ptr(), "?") if isinstance(args[i], torch.Tensor) else "?" for i in _OPERANDS[kname]]
+    # a tuple operand (the slices of a packed projection) is named by its first slice
+    first = [args[i][0] if isinstance(args[i], tuple) and args[i] else args[i] for i in _OPERANDS[kname]]
+    ops = [names.get(t.data_ptr(), "?") if isinstance(t, torch.Tensor) else "?" for t in first]
     return _ROLES.get((kname, *ops), f"{kname.strip('_')}({', '.join(ops)})")
 
 
@@ -227,6 +227,18 @@ def _mixed(m, k, n, r, s, dtype, *, train=False):
     return body
 
 
+def _mixed_slices(m, k, widths, r, s, dtype):
+    """Packed projection (q/k/v): one LoRA per output slice, the fused forward."""
+    def body(t):
+        x, w, b, a, bw = _params(m, k, sum(widths), r, dtype, s=s, grad=False)
+        a_list = [a] + [torch.empty(s, r, k, dtype=dtype) for _ in widths[1:]]
+        b_list = [torch.empty(s, n, r, dtype=dtype) for n in widths]
+        t.update(x=x, W=w, A=a, B=b_list[0])
+        MX.mixed_lora_linear(x, w, b, a_list, b_list, torch.randint(-1, s, (m,), dtype=torch.int32),
+                             output_slices=widths)
+    return body
+
+
 def _dropout_mask(m, k, p):
     def body(t):
         AL.dropout_mask(torch.tensor([1234], dtype=torch.int64), m, k, p)
@@ -250,6 +262,9 @@ def scenarios(quick: bool = False):
     yield "mixed S32 r16 M8192", _mixed(8192, K, N, 16, 32, bf), HOT, "report"
     yield "mixed S32 r16 M64 decode", _mixed(64, K, N, 16, 32, bf), (), "report"
     yield "mixed S32 r16 M16 decode", _mixed(16, K, N, 16, 32, bf), (), "report"
+    qkv = (K, K // 4, K // 4)  # grouped-query attention: q 4096, k 1024, v 1024
+    yield "mixed qkv S32 r16 M8192", _mixed_slices(8192, K, qkv, 16, 32, bf), (), "report"
+    yield "mixed qkv S32 r16 M64 decode", _mixed_slices(64, K, qkv, 16, 32, bf), (), "report"
     if quick:
         return
     yield "bottleneck R256 M8192 gelu", _bottleneck(8192, K, N, 256, bf), (), "report"

@@ -82,36 +82,72 @@ def adapter_linear_backward_args(dev, dtype, m, needs, grad):
     return [dy, x.requires_grad_(grad), w, a_w, b_w, z, 0.5, "gelu", 0.0, None, list(needs)]
 
 
-def mixed_args(dev, dtype, m, need_z, grad, lora_only=False):
+def mixed_args(dev, dtype, m, need_z, grad, lora_only=False, slices=1, mapping=False):
     g = torch.Generator().manual_seed(2)
     x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
-    w, b = _rnd(g, N, K, dtype=dtype, device=dev), _rnd(g, N, dtype=dtype, device=dev)
-    a_all = _rnd(g, S, R, K, dtype=dtype, device=dev, grad=grad)
-    b_all = _rnd(g, S, N, R, dtype=dtype, device=dev, grad=grad)
+    widths = (N,) if slices == 1 else (4, 2, 1)
+    w, b = _rnd(g, sum(widths), K, dtype=dtype, device=dev), _rnd(g, sum(widths), dtype=dtype, device=dev)
+    a_all = [_rnd(g, S, R, K, dtype=dtype, device=dev, grad=grad) for _ in widths]
+    b_all = [_rnd(g, S, n, R, dtype=dtype, device=dev, grad=grad) for n in widths]
     a_bias = None if lora_only else _rnd(g, S, R, dtype=dtype, device=dev, grad=grad)
     b_bias = None if lora_only else _rnd(g, S, N, dtype=dtype, device=dev, grad=grad)
     scales = torch.tensor([0.5, -1.0, 2.0], dtype=acc(dtype), device=dev)
     ranks = torch.tensor([3, 1, 2], dtype=torch.int32, device=dev)
     acts = None if lora_only else torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
-    ids = torch.tensor([i % (S + 1) - 1 for i in range(m)], dtype=torch.int32, device=dev)
-    return [x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z]
+    ids = _ids(m, dev)
+    sorted_rows, offsets = _metadata(ids) if mapping else (None, None)
+    return [x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z]
 
 
-def mixed_backward_args(dev, dtype, m, needs, grad, lora_only=False):
-    fwd = mixed_args(dev, dtype, m, True, False, lora_only)
+def _ids(m, dev, dtype=torch.int32):
+    return torch.tensor([i % (S + 1) - 1 for i in range(m)], dtype=dtype, device=dev)
+
+
+def _metadata(ids):
+    from adaptkern.ops.mixed_adapter_linear.rows import slot_metadata
+
+    meta = slot_metadata(ids, S)
+    return meta.sorted_rows, meta.offsets
+
+
+def mixed_backward_args(dev, dtype, m, needs, grad, lora_only=False, slices=1):
+    fwd = mixed_args(dev, dtype, m, True, False, lora_only, slices)
     _, z = op("mixed_adapter_linear")(*fwd)
     g = torch.Generator().manual_seed(3)
-    dy = _rnd(g, m, N, dtype=dtype, device=dev, grad=grad)
-    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, _ = fwd
+    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, _ = fwd
+    dy = _rnd(g, m, w.shape[0], dtype=dtype, device=dev, grad=grad)
     needs = [need and t is not None for need, t in zip(needs, (x, w, b, a_all, a_bias, b_all, b_bias))]
-    return [dy, x.requires_grad_(grad), w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, z, needs]
+    return [dy, x.requires_grad_(grad), w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows,
+            offsets, z, needs]
 
 
-def align_args(dev, dtype, m, need_z, grad):
-    from adaptkern.ops.mixed_adapter_linear.rows import alignment_buffers
+def delta_args(kind, dev, dtype, m, grad):
+    """Inputs of the serving ops (lora_shrink_, lora_expand_, add_lora_delta_): three slices, y wider than them."""
+    g = torch.Generator().manual_seed(4)
+    widths = (4, 2, 2)
+    x = _rnd(g, m, K, dtype=dtype, device=dev)
+    a_all = [_rnd(g, S, R, K, dtype=dtype, device=dev) for _ in widths]
+    b_all = [_rnd(g, S, n, R, dtype=dtype, device=dev) for n in widths]
+    scales = torch.tensor([0.5, -1.0, 2.0], dtype=acc(dtype), device=dev)
+    ranks = torch.tensor([3, 0, 2], dtype=torch.int32, device=dev)
+    ids = _ids(m, dev, torch.int64)
+    y = _rnd(g, m, 11, dtype=dtype, device=dev)
+    if kind == "shrink":
+        return [torch.zeros(3, m, R, dtype=acc(dtype), device=dev), x, a_all, scales, ranks, ids, None]
+    if kind == "expand":
+        return [y, _rnd(g, 3, m, R, dtype=acc(dtype), device=dev), b_all, ranks, ids, None, 2, True]
+    return [y, x, a_all, b_all, scales, ranks, ids, None, 1, None if kind == "auto" else kind == "fused"]
 
-    ids = torch.tensor([i % (S + 1) - 1 for i in range(m)], dtype=torch.int32 if need_z else torch.int64, device=dev)
-    return [ids, S, 4, *alignment_buffers(m, S, 4, dev)]
+
+def embedding_args(dev, dtype, m, grad, mapping=False):
+    g = torch.Generator().manual_seed(5)
+    v = 9
+    tokens = torch.tensor([i % v for i in range(m)], dtype=torch.int64, device=dev)
+    ids = _ids(m, dev)
+    sorted_rows = _metadata(ids)[0] if mapping else None
+    return [tokens, _rnd(g, v, N, dtype=dtype, device=dev), _rnd(g, S, R, v, dtype=dtype, device=dev),
+            _rnd(g, S, N, R, dtype=dtype, device=dev), torch.tensor([0.5, -1.0, 2.0], device=dev),
+            torch.tensor([3, 1, 2], dtype=torch.int32, device=dev), ids, sorted_rows]
 
 
 ALL = (True,) * 7
@@ -139,6 +175,8 @@ VARIANTS = {
         "full-noz": lambda d, t, m, g: mixed_args(d, t, m, False, g),
         "lora-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True),
         "lora-noz": lambda d, t, m, g: mixed_args(d, t, m, False, g, lora_only=True),
+        "slices-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True, slices=3),
+        "slices-mapping-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True, slices=3, mapping=True),
     },
     "mixed_adapter_linear_backward": {
         "needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g),
@@ -146,10 +184,18 @@ VARIANTS = {
         "needs-adapter": lambda d, t, m, g: mixed_backward_args(d, t, m, ADAPTER_ONLY, g),
         "lora-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True),
         "needs-none": lambda d, t, m, g: mixed_backward_args(d, t, m, NONE, g),
+        "slices-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True, slices=3),
     },
-    "align_rows_": {
-        "int32": lambda d, t, m, g: align_args(d, t, m, True, g),
-        "int64": lambda d, t, m, g: align_args(d, t, m, False, g),
+    "lora_shrink_": {"slices": lambda d, t, m, g: delta_args("shrink", d, t, m, g)},
+    "lora_expand_": {"slices": lambda d, t, m, g: delta_args("expand", d, t, m, g)},
+    "add_lora_delta_": {
+        "fused": lambda d, t, m, g: delta_args("fused", d, t, m, g),
+        "two-launch": lambda d, t, m, g: delta_args("two-launch", d, t, m, g),
+        "auto": lambda d, t, m, g: delta_args("auto", d, t, m, g),
+    },
+    "mixed_lora_embedding": {
+        "ids": lambda d, t, m, g: embedding_args(d, t, m, g),
+        "mapping": lambda d, t, m, g: embedding_args(d, t, m, g, mapping=True),
     },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}

@@ -292,8 +292,8 @@ def test_opcheck_and_compile(device):
     x, w, bias, a, b, scales = _setup(m=10, device=device)
     ids = torch.tensor([0, 1, -1, 4, 4, 2, 0, 3, -1, 1], dtype=torch.int32, device=device)
     leaves = [t.requires_grad_() for t in (x, a, b)]
-    torch.library.opcheck(mixed_adapter_linear_op, (leaves[0], w, bias, leaves[1], None, leaves[2], None, scales,
-                                                    None, None, ids, True))
+    torch.library.opcheck(mixed_adapter_linear_op, (leaves[0], w, bias, [leaves[1]], None, [leaves[2]], None, scales,
+                                                    None, None, ids, None, None, True))
 
     def f(x, a, b, ids):
         return adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=scales).relu().sum()
@@ -449,6 +449,12 @@ def mixed_inputs(ids, dtype=torch.float32, seed=0, device="cpu"):
     return [t.to(device) for t in ts]
 
 
+def op_args(inputs, *rest):
+    """The op's arguments for ``mixed_inputs``: one slice (A and B as one-element lists), no SlotMapping."""
+    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids = inputs
+    return [x, w, b, [a_all], a_bias, [b_all], b_bias, scales, ranks, acts, ids, None, None, *rest]
+
+
 def mixed_oracle(inputs, gy):
     """float64 y and the gradients of (x, W, b, A, a, B, c), with every id outside [0, S) made -1."""
     ins = [t.detach().cpu() for t in inputs]
@@ -481,7 +487,7 @@ def test_unchecked_out_of_range_ids_are_base_only(bad, path_device):
     ids = [0, bad, 1, -1, 3, bad, 2, 0, bad]
     inputs = mixed_inputs(ids, device=path_device)
     leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
-    y, _ = mixed_adapter_linear_op(*leaves, True)
+    y, _ = mixed_adapter_linear_op(*op_args(leaves, True))
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(path_device)
     grads = torch.autograd.grad(y, leaves[:7], gy)
     want, want_grads = mixed_oracle(inputs, gy)
@@ -499,7 +505,7 @@ def test_a_non_finite_scale_of_an_unused_slot_does_not_reach_gradients(path_devi
     inputs = mixed_inputs([1, -1, 3, -2, -1], device=path_device)
     inputs[7][0] = float("inf")
     leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
-    y, _ = mixed_adapter_linear_op(*leaves, True)
+    y, _ = mixed_adapter_linear_op(*op_args(leaves, True))
     grads = torch.autograd.grad(y, leaves[:7], torch.ones_like(y))
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     assert not any(g[0].any() for g in grads[3:])
@@ -515,8 +521,9 @@ def test_the_reference_ignores_out_of_range_ids_as_the_kernels_do():
     x, w, _, a_all, a_bias, b_all, _, scales, ranks, acts, ids = inputs
     dy, needs = torch.ones_like(got), [True] * 7
     backward = mixed_reference.mixed_adapter_linear_backward
-    for g, want in zip(backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, ids, needs),
-                       backward(dy, x, w, a_all, a_bias, b_all, scales, ranks, acts, clean, needs)):
+    flat = lambda gs: [t for g in gs for t in (g if isinstance(g, (list, tuple)) else [g])]  # noqa: E731
+    for g, want in zip(flat(backward(dy, x, w, [a_all], a_bias, [b_all], scales, ranks, acts, ids, needs)),
+                       flat(backward(dy, x, w, [a_all], a_bias, [b_all], scales, ranks, acts, clean, needs))):
         assert torch.equal(g, want)
 
 
@@ -529,23 +536,23 @@ def test_opcheck_mixed_forward_and_z_on_both_paths(need_z, path_device):
     inputs = mixed_inputs([0, 1, -1, 3, 3, 2, 0, S, -2], device=path_device)
     inputs[3], inputs[5] = transposed_storage(inputs[3]), transposed_storage(inputs[5])
     args = [t.requires_grad_(need_z) if i < 7 else t for i, t in enumerate(inputs)]
-    torch.library.opcheck(mixed_adapter_linear_op, (*args, need_z))
-    y, z = mixed_adapter_linear_op(*args, need_z)
+    torch.library.opcheck(mixed_adapter_linear_op, op_args(args, need_z))
+    y, z = mixed_adapter_linear_op(*op_args(args, need_z))
     assert y.shape == (9, N) and y.dtype == torch.float32 and y.is_contiguous()
-    assert z.dtype == torch.float32 and z.shape == ((9, R) if need_z else (0,))
+    assert z.dtype == torch.float32 and z.shape == ((1, 9, R) if need_z else (0,))
     if need_z:  # the same z on both paths: what the kernels store
-        assert_close("z", oracle_z(inputs), z.detach().cpu())
+        assert_close("z", oracle_z(inputs), z[0].detach().cpu())
 
 
 def test_opcheck_mixed_backward_on_both_paths(path_device):
     """Gradients of A and B come back contiguous (as the fake says) even for A, B laid out transposed."""
     inputs = mixed_inputs([0, 1, -1, 3, 3, 2, 0, S, -2], device=path_device)
     inputs[3], inputs[5] = transposed_storage(inputs[3]), transposed_storage(inputs[5])
-    _, z = mixed_adapter_linear_op(*inputs, True)
+    _, z = mixed_adapter_linear_op(*op_args(inputs, True))
     dy = torch.randn(9, N, generator=torch.Generator().manual_seed(2)).to(path_device)
     for needs in ([True] * 7, [False, False, False, True, False, True, True]):
-        torch.library.opcheck(mixed_adapter_linear_backward_op, (dy, *inputs, z, needs))
-        grads = mixed_adapter_linear_backward_op(dy, *inputs, z, needs)
+        torch.library.opcheck(mixed_adapter_linear_backward_op, (dy, *op_args(inputs, z, needs)))
+        grads = mixed_adapter_linear_backward_op(dy, *op_args(inputs, z, needs))
         for g, t, need in zip(grads, inputs, needs):
             assert g.shape == (t.shape if need else (0,)) and g.is_contiguous()
 
@@ -559,7 +566,7 @@ def test_inductor_compiles_a_differentiable_mixed_batch_on_the_reference_path(mo
     leaves = [t.requires_grad_() if i < 7 else t for i, t in enumerate(inputs)]
 
     def loss(*ts):
-        y, _ = mixed_adapter_linear_op(*ts, True)
+        y, _ = mixed_adapter_linear_op(*op_args(ts, True))
         return y.relu().square().sum()
 
     compiled = torch.compile(loss, backend="inductor", fullgraph=True)

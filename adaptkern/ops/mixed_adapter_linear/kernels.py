@@ -4,21 +4,27 @@ Row i with slot s = ids[i] (``-1``: base only) computes::
 
     z_i = x_i·A_s[:r_s]ᵀ + a_s,   y_i = x_i·Wᵀ + b + scale_s·(f_s(z_i)·B_s[:, :r_s]ᵀ + c_s)
 
+With output slices (q/k/v, gate/up: slice i owns columns [o_i, o_i + N_i) and has its own
+A_i, B_i), slice i's columns get scale_s·(x_i·A_{i,s}[:r_s]ᵀ)·B_{i,s}[:, :r_s]ᵀ; the slices are a
+tuple of tensors (``NS`` of them) walked with a static loop.
+
 Three kernels, each iterating, inside a block of rows, over the slots present in that block
 (``_next_slot``), so that every adapter product is a tensor-core ``tl.dot`` on the rows
 that use that slot and rows of other slots receive an exact zero:
 
-* ``_mixed_adapter_linear_shrink_kernel``: ``P[split] = x·A_sᵀ`` over one K range per split (partials are
-  reduced in a fixed order by the consumer: no atomics, so the forward is bitwise
-  reproducible and batch invariant; backward's per-slot sums follow the row sort, which
-  the CUDA alignment op does not keep stable).
-* ``_mixed_adapter_linear_kernel``: ``y = x·Wᵀ + b`` on a row block, then per present slot
-  ``z = ΣP + a_s`` → ``f_s`` → ``·B_sᵀ`` in the epilogue; y is written once.
+* ``_mixed_adapter_linear_shrink_kernel``: ``P[i, split] = x·A_{i,s}ᵀ`` over one K range per split
+  (partials are reduced in a fixed order by the consumer: no atomics, so the forward is
+  bitwise reproducible and batch invariant). With ``SCALE`` and one split it is the
+  serving stacks' shrink (``lora_shrink``).
+* ``_mixed_adapter_linear_kernel``: ``y = x·Wᵀ + b`` on a row block (``BASE``; or y's own values,
+  ``ADD``), then per present slot and slice ``z = ΣP + a_s`` → ``f_s`` → ``·B_{i,s}ᵀ`` in the
+  epilogue; y is written once. Without ``BASE`` it is the expand of serving stacks; with
+  ``FUSED_SHRINK`` it recomputes z from x and A itself (the one-launch delta at decode).
 * ``_mixed_adapter_linear_segment_kernel``: per-slot reductions over that slot's rows for backward
   (``dA_s = Σ dZᵀ·x``, ``dB_s = scale_s·Σ dYᵀ·f(z)``).
 
-Rows are read through an optional permutation (rows sorted by slot, from the alignment
-op) so that a block holds few distinct slots at large M; at decode sizes rows stay in order.
+Rows are read through an optional permutation (rows sorted by slot, from the slot metadata,
+``rows.py``) so that a block holds few distinct slots at large M; at decode sizes rows stay in order.
 """
 
 from __future__ import annotations
@@ -70,15 +76,18 @@ def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: t
 
 @triton.jit
 def _mixed_adapter_linear_shrink_kernel(
-    p_ptr,  # [SPLIT, M, R] out (fp32): x·A_sᵀ over this split's K range
+    p_ptr,  # [NS, SPLIT, M, R] out (fp32): x·A_{i,s}ᵀ over this split's K range (SCALE: ·scale_s)
     x_ptr,  # [M, K]
-    a_ptr,  # [S, R, K]
+    a_ptrs,  # NS × [S, R, K]
     ids_ptr,  # [M] int32/int64, -1 = base only
     perm_ptr,  # [M] int32 rows sorted by slot (SORTED)
     ranks_ptr,  # [S] int32 (HAS_RANKS)
+    scales_ptr,  # [S] fp32 (SCALE)
     M, K, R, S, k_per_split,
-    stride_xm, stride_xk, stride_as, stride_ar, stride_ak,
-    SORTED: tl.constexpr, HAS_RANKS: tl.constexpr,
+    stride_xm, stride_xk,
+    a_strides,  # (s, r, k) strides of every slice of A, flattened
+    stride_ps, stride_pp, stride_pm, stride_pr,
+    NS: tl.constexpr, SORTED: tl.constexpr, HAS_RANKS: tl.constexpr, SCALE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -89,38 +98,45 @@ def _mixed_adapter_linear_shrink_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    out = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    s = _next_slot(slots, -1)
-    while s < NO_SLOT:
-        rank = R
-        if HAS_RANKS:
-            rank = tl.load(ranks_ptr + s)
-        r_ok = rr < rank
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-        k_end = tl.where(tl.program_id(2) * BLOCK_R < rank, k_hi, k_lo)  # rank tile past the slot's rank: skip
-        for k0 in range(k_lo, k_end, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=ok[:, None] & k_ok[None, :], other=0.0)
-            at = tl.load(a_ptr + s.to(tl.int64) * stride_as + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
-                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
-        out = tl.where((slots == s)[:, None], acc, out)
-        s = _next_slot(slots, s)
-    tl.store(p_ptr + split * M * R + rows[:, None] * R + rr[None, :], out, mask=ok[:, None] & (rr < R)[None, :])
+    for i in tl.static_range(NS):  # slices in turn: x's tiles come back from cache
+        a_ptr = a_ptrs[i]
+        stride_as, stride_ar, stride_ak = a_strides[3 * i], a_strides[3 * i + 1], a_strides[3 * i + 2]
+        out = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        s = _next_slot(slots, -1)
+        while s < NO_SLOT:
+            rank = R
+            if HAS_RANKS:
+                rank = tl.load(ranks_ptr + s)
+            r_ok = rr < rank
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+            k_end = tl.where(tl.program_id(2) * BLOCK_R < rank, k_hi, k_lo)  # rank tile past the slot's rank: skip
+            for k0 in range(k_lo, k_end, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < k_hi
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                            mask=ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_ptr + s.to(tl.int64) * stride_as + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                             mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+            if SCALE:  # rank columns past r_s stay exact zeros, whatever the scale
+                acc = tl.where(r_ok[None, :], acc * tl.load(scales_ptr + s), 0.0)
+            out = tl.where((slots == s)[:, None], acc, out)
+            s = _next_slot(slots, s)
+        tl.store(p_ptr + i * stride_ps + split * stride_pp + rows[:, None] * stride_pm + rr[None, :] * stride_pr, out,
+                 mask=ok[:, None] & (rr < R)[None, :])
 
 
 @triton.jit
 def _mixed_adapter_linear_kernel(
-    y_ptr,  # [M, N] out
-    z_ptr,  # [M, R] out (STORE_Z; arrives zero-filled): z = ΣP + a_s for rows with a slot
+    y_ptr,  # [M, N] out (ADD: read first, rows without a slot left as they were)
+    z_ptr,  # [NS, M, R] out (STORE_Z; arrives zero-filled): z = ΣP + a_s for rows with a slot
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K] (BASE)
     bias_ptr,  # [N]
-    p_ptr,  # [SPLIT, M, R] fp32 partials of x·A_sᵀ (or dZ itself, SPLIT=1, in backward)
+    p_ptr,  # [NS, SPLIT, M, R] fp32 partials of x·A_{i,s}ᵀ (or dZ, or the caller's shrink output)
+    a_ptrs,  # NS × [S, R, K] (FUSED_SHRINK: z = x·A_{i,s}ᵀ recomputed here)
     ab_ptr,  # [S, R]
-    b_ptr,  # [S, N, R]
+    b_ptrs,  # NS × [S, N_i, R]
     bb_ptr,  # [S, N]
     scales_ptr,  # [S] fp32
     ranks_ptr,  # [S] int32
@@ -128,8 +144,13 @@ def _mixed_adapter_linear_kernel(
     ids_ptr,  # [M]
     perm_ptr,  # [M] int32 (SORTED)
     M, N, K, R, S, SPLIT,
-    stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
-    stride_abs, stride_abr, stride_bs, stride_bn, stride_br, stride_bbs, stride_bbn,
+    col_starts, col_widths,  # slice i owns columns [col_starts[i], col_starts[i] + col_widths[i]) of y
+    stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ps, stride_pp, stride_pm,
+    a_strides,  # (s, r, k) strides of every slice of A, flattened
+    stride_abs, stride_abr,
+    b_strides,  # (s, n, r) strides of every slice of B, flattened
+    stride_bbs, stride_bbn,
+    NS: tl.constexpr, BASE: tl.constexpr, ADD: tl.constexpr, FUSED_SHRINK: tl.constexpr,
     SORTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, HAS_BB: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_ACTS: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -142,20 +163,25 @@ def _mixed_adapter_linear_kernel(
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    # Rows past M read row 0 (_block_rows) and, for a row-major W, columns past N column
-    # N-1, dropped at the store: the K loop masks K only, and its pointers advance by
-    # BLOCK_K (200 → 126 registers with the epilogue below, benchmarks/kernel_report.py).
-    rn_ld, wn_ok = load_rows(rn, N, unit(stride_wk))
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=wn_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    if ADD:
+        acc = tl.load(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn,
+                      mask=ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if BASE:
+        # Rows past M read row 0 (_block_rows) and, for a row-major W, columns past N column
+        # N-1, dropped at the store: the K loop masks K only, and its pointers advance by
+        # BLOCK_K (200 → 126 registers with the epilogue below, benchmarks/kernel_report.py).
+        rn_ld, wn_ok = load_rows(rn, N, unit(stride_wk))
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = rk < K - k0
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=wn_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
 
@@ -169,41 +195,66 @@ def _mixed_adapter_linear_kernel(
         scale = 1.0
         if HAS_SCALES:
             scale = tl.load(scales_ptr + s)
-        # a slot's real rank bounds its rank loop; one or two iterations: not pipelined
-        for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_ok = rr < rank
-            zmask = sel[:, None] & r_ok[None, :]
-            z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-            for sp in tl.range(0, SPLIT, num_stages=1):
-                z += tl.load(p_ptr + sp * M * R + rows[:, None] * R + rr[None, :], mask=zmask, other=0.0)
-            if HAS_AB:
-                ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
-                z = tl.where(zmask, z + ab[None, :], 0.0)
-            if STORE_Z:
-                if pid_n == 0:
-                    tl.store(z_ptr + rows[:, None] * R + rr[None, :], z, mask=zmask)
-            if HAS_ACTS:
-                z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
-            bt = tl.load(b_ptr + s64 * stride_bs + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                         mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-            if DOT_DTYPE == tl.float16:
-                # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
-                # scale must not reach rows of other slots through 0·inf.
-                acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
-                                                             input_precision=PRECISION, out_dtype=ACC), 0.0)
-            else:
-                # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
-                # slots get exact zeros, so a non-finite scale stays in its own rows.
-                zs = tl.where(sel[:, None], scale * z, 0.0)
-                acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+        for i in tl.static_range(NS):
+            b_ptr = b_ptrs[i]
+            stride_bs, stride_bn, stride_br = b_strides[3 * i], b_strides[3 * i + 1], b_strides[3 * i + 2]
+            if NS == 1:
+                cn, c_ok, r_end = rn, n_ok, rank
+            else:  # this tile's columns of slice i; a tile that meets no column of it skips it
+                cn = rn - col_starts[i]
+                c_ok = (cn >= 0) & (cn < col_widths[i])
+                meets = (pid_n * BLOCK_N < col_starts[i] + col_widths[i]) & (pid_n * BLOCK_N + BLOCK_N > col_starts[i])
+                r_end = tl.where(meets, rank, 0)
+            # a slot's real rank bounds its rank loop; one or two iterations: not pipelined
+            for r0 in tl.range(0, r_end, BLOCK_R, num_stages=1):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rr < rank
+                zmask = sel[:, None] & r_ok[None, :]
+                z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+                if FUSED_SHRINK:  # decode: recompute x·A_{i,s}ᵀ here rather than launch a shrink
+                    a_ptr = a_ptrs[i]
+                    for k0 in range(0, K, BLOCK_K):
+                        kk = k0 + rk
+                        k_ok = kk < K
+                        xs = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                                     mask=sel[:, None] & k_ok[None, :], other=0.0)
+                        at = tl.load(a_ptr + s64 * a_strides[3 * i] + rr[None, :] * a_strides[3 * i + 1]
+                                     + kk[:, None] * a_strides[3 * i + 2],
+                                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+                        z = tl.dot(xs.to(DOT_DTYPE), at.to(DOT_DTYPE), z, input_precision=PRECISION, out_dtype=ACC)
+                    z = tl.where(zmask, z, 0.0)
+                else:
+                    for sp in tl.range(0, SPLIT, num_stages=1):
+                        z += tl.load(p_ptr + i * stride_ps + sp * stride_pp + rows[:, None] * stride_pm + rr[None, :],
+                                     mask=zmask, other=0.0)
+                if HAS_AB:
+                    ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
+                    z = tl.where(zmask, z + ab[None, :], 0.0)
+                if STORE_Z:
+                    if pid_n == col_starts[i] // BLOCK_N:  # the tile holding the slice's first column
+                        tl.store(z_ptr + i * M * R + rows[:, None] * R + rr[None, :], z, mask=zmask)
+                if HAS_ACTS:
+                    z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
+                bt = tl.load(b_ptr + s64 * stride_bs + cn[None, :] * stride_bn + rr[:, None] * stride_br,
+                             mask=c_ok[None, :] & r_ok[:, None], other=0.0)
+                if DOT_DTYPE == tl.float16:
+                    # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
+                    # scale must not reach rows of other slots through 0·inf.
+                    acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
+                                                                 input_precision=PRECISION, out_dtype=ACC), 0.0)
+                else:
+                    # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
+                    # slots get exact zeros, so a non-finite scale stays in its own rows.
+                    zs = tl.where(sel[:, None], scale * z, 0.0)
+                    acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BB:
             bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
             acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)
         s = _next_slot(slots, s)
 
+    row_ok = ok & (slots >= 0) if ADD else ok  # adding: rows without a slot are not written
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=ok[:, None] & n_ok[None, :])
+             mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit

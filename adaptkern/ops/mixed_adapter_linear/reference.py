@@ -52,51 +52,90 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
     return y
 
 
-def mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, need_z):
+def lora_delta_ref(x, a_all, b_all, scales, ranks, ids):
+    """Semantics: Δ_i = scales[s]·(x_i·A_s[:r_s]ᵀ)·B_s[:, :r_s]ᵀ for s = ids[i] in [0, S), zeros for other rows.
+
+    Shapes: x [M, K], a_all [S, R, K], b_all [S, N, R], scales [S], ranks [S] | None, ids [M] -> Δ [M, N]
+    in x's precision (differentiable).
+    """
+    delta = x.new_zeros(x.shape[0], b_all.shape[1])
+    for s, rows, r in _slot_rows(ids, a_all.shape[0], ranks, a_all.shape[1]):
+        delta = delta.index_add(0, rows, scales[s].to(x.dtype) * ((x[rows] @ a_all[s, :r].t()) @ b_all[s, :, :r].t()))
+    return delta
+
+
+def mixed_lora_slices_ref(x, weight, bias, a_list, b_list, scales, ranks, ids):
+    """Semantics: y[:, o_i:o_i+N_i] = x·W_iᵀ + b_i + Δ_i with Δ_i = :func:`lora_delta_ref` of slice i
+    (A_i = a_list[i], B_i = b_list[i], o_i = N_0 + … + N_{i-1}).
+
+    Shapes: x [M, K], weight [ΣN_i, K], bias [ΣN_i] | None, a_list n × [S, R, K], b_list n × [S, N_i, R].
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return y + torch.cat([lora_delta_ref(x, a, b, scales, ranks, ids) for a, b in zip(a_list, b_list)], 1)
+
+
+def mixed_adapter_linear_forward(x, weight, bias, a_list, a_bias, b_list, b_bias, scales, ranks, acts, ids, need_z):
     """The CPU path of ``adaptkern::mixed_adapter_linear``: (y [M, N] in x's dtype, z).
 
-    z is what the kernels store: [M, R] in float32 (float64 for float64 x), row i holding
-    x_i·A_s[:r_s]ᵀ + a_s in its first r_s columns and zeros elsewhere (base-only rows: all
-    zeros); [0] when not ``need_z``.
+    a_list / b_list: the slices' stacks (one slice: the general formula with biases and
+    activations; several: LoRA slices, :func:`mixed_lora_slices_ref`). z is what the kernels
+    store: [n, M, R] in float32 (float64 for float64 x), z[i, m] holding x_m·A_{i,s}[:r_s]ᵀ + a_s
+    in its first r_s columns and zeros elsewhere (base-only rows: all zeros); [0] when not ``need_z``.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x32, w32, bias32, a32, ab32, b32, bb32 = (None if t is None else t.to(acc)
-                                              for t in (x, weight, bias, a_all, a_bias, b_all, b_bias))
-    y = mixed_adapter_linear_ref(x32, w32, bias32, a32, ab32, b32, bb32, scales, ranks, acts, ids).to(x.dtype)
+    x32, w32, bias32, ab32, bb32 = (None if t is None else t.to(acc) for t in (x, weight, bias, a_bias, b_bias))
+    a32, b32 = [t.to(acc) for t in a_list], [t.to(acc) for t in b_list]
+    if len(a32) == 1:
+        y = mixed_adapter_linear_ref(x32, w32, bias32, a32[0], ab32, b32[0], bb32, scales, ranks, acts, ids)
+    else:
+        y = mixed_lora_slices_ref(x32, w32, bias32, a32, b32, scales, ranks, ids)
     if not need_z:
-        return y, x32.new_empty(0)
-    z = x32.new_zeros(x.shape[0], a_all.shape[1])
-    for s, rows, r in _slot_rows(ids, a_all.shape[0], ranks, a_all.shape[1]):
-        z[rows, :r] = _slot_z(x32[rows], a32, ab32, s, r)
-    return y, z
+        return y.to(x.dtype), x32.new_empty(0)
+    s_count, r = a_list[0].shape[:2]
+    z = x32.new_zeros(len(a32), x.shape[0], r)
+    for i, a in enumerate(a32):
+        for s, rows, rank in _slot_rows(ids, s_count, ranks, r):
+            z[i, rows, :rank] = _slot_z(x32[rows], a, ab32, s, rank)
+    return y.to(x.dtype), z
 
 
-def mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, needs):
-    """Explicit gradients of :func:`mixed_adapter_linear_ref` (the CPU path's backward), per slot:
+def mixed_adapter_linear_backward(dy, x, weight, a_list, a_bias, b_list, scales, ranks, acts, ids, needs):
+    """Explicit gradients of :func:`mixed_adapter_linear_ref` (the CPU path's backward), per slice i
+    (columns o_i..o_i+N_i of dY: dY_i) and slot:
 
-    dZ = scale_s·(dY·B_s) ⊙ f_s'(z);  dX = dY·W + dZ·A_s;  dA_s = dZᵀ·x;  da_s = ΣdZ;
-    dB_s = scale_s·dYᵀ·f_s(z);  dc_s = scale_s·ΣdY;  dW = dYᵀ·x;  db = ΣdY (over all rows).
+    dZ = scale_s·(dY_i·B_{i,s}) ⊙ f_s'(z);  dX = dY·W + Σ_i dZ·A_{i,s};  dA_{i,s} = dZᵀ·x;  da_s = ΣdZ;
+    dB_{i,s} = scale_s·dY_iᵀ·f_s(z);  dc_s = scale_s·ΣdY;  dW = dYᵀ·x;  db = ΣdY (over all rows).
 
-    ``needs`` is (x, weight, bias, a_all, a_bias, b_all, b_bias); returns the seven gradients
-    in float32 (float64 for float64 inputs), contiguous, None where not needed.
+    ``needs`` is (x, weight, bias, a_list, a_bias, b_list, b_bias); returns (dx, dW, db, [dA_i], da, [dB_i], dc)
+    in float32 (float64 for float64 inputs), contiguous, None (or a list of None) where not needed.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dy, x, weight, a_all, b_all = (t.to(acc) for t in (dy, x, weight, a_all, b_all))
+    dy, x, weight = (t.to(acc) for t in (dy, x, weight))
+    a_list, b_list = [t.to(acc) for t in a_list], [t.to(acc) for t in b_list]
     a_bias = None if a_bias is None else a_bias.to(acc)
+    s_count, r = a_list[0].shape[:2]
     dx = dy @ weight
     zeros = dict(dtype=acc, device=x.device)
-    da_all, dab = torch.zeros(a_all.shape, **zeros), torch.zeros(a_all.shape[:2], **zeros)
-    dbw, dbb = torch.zeros(b_all.shape, **zeros), torch.zeros(b_all.shape[:2], **zeros)
-    for s, rows, r in _slot_rows(ids, a_all.shape[0], ranks, a_all.shape[1]):
-        act = "identity" if acts is None else ACTIVATIONS[int(acts[s])]
-        scale = float(scales[s])
-        xs, dys = x[rows], dy[rows]
-        z = _slot_z(xs, a_all, a_bias, s, r)
-        dz = scale * (dys @ b_all[s, :, :r]) * activation_grad(z, act)
-        dx[rows] += dz @ a_all[s, :r]
-        da_all[s, :r] = dz.t() @ xs
-        dab[s, :r] = dz.sum(0)
-        dbw[s, :, :r] = scale * dys.t() @ activation(z, act)
-        dbb[s] = scale * dys.sum(0)
-    grads = (dx, dy.t() @ x, dy.sum(0), da_all, dab, dbw, dbb)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    da_list, db_list = [torch.zeros(a.shape, **zeros) for a in a_list], [torch.zeros(b.shape, **zeros) for b in b_list]
+    dab, dbb = torch.zeros((s_count, r), **zeros), torch.zeros(s_count, dy.shape[1], **zeros)
+    start = 0
+    for a_all, b_all, da_all, dbw in zip(a_list, b_list, da_list, db_list):
+        cols = slice(start, start + b_all.shape[1])
+        dy_i = dy[:, cols]
+        start += b_all.shape[1]
+        for s, rows, rank in _slot_rows(ids, s_count, ranks, r):
+            act = "identity" if acts is None else ACTIVATIONS[int(acts[s])]
+            scale = float(scales[s])
+            xs, dys = x[rows], dy_i[rows]
+            z = _slot_z(xs, a_all, a_bias, s, rank)
+            dz = scale * (dys @ b_all[s, :, :rank]) * activation_grad(z, act)
+            dx[rows] += dz @ a_all[s, :rank]
+            da_all[s, :rank] = dz.t() @ xs
+            dab[s, :rank] = dz.sum(0)
+            dbw[s, :, :rank] = scale * dys.t() @ activation(z, act)
+            dbb[s, cols] = scale * dys.sum(0)
+    grads = (dx, dy.t() @ x, dy.sum(0), da_list, dab, db_list, dbb)
+    return tuple((g if need else [None] * len(g)) if isinstance(g, list) else (g if need else None)
+                 for g, need in zip(grads, needs))

@@ -1,0 +1,140 @@
+"""SGLang: a LoRA backend (SGLang's ``BaseLoRABackend`` contract) running adaptkern's serving ops.
+
+:func:`register`, run as an SGLang plug-in, adds it to SGLang's backend registry under the
+name ``"adaptkern"``. SGLang is imported only there.
+
+SGLang's layouts: per LoRA buffer slot l, A of a stacked module (c slices: 3 for qkv, 2 for
+gate_up) is packed at the adapter's actual rank r_l: rows [j·r_l, (j+1)·r_l) of
+``A[l]`` [c·r_max, in] are slice j; B slices are column blocks of ``B[l]`` [out, r_max] (qkv:
+by ``output_offset``); per-slot ``lora_ranks`` (0: the slot adds nothing) and ``scalings``.
+A batch is segments (sequences) with one slot each.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..serving import add_lora_delta, lora_expand, lora_shrink
+from ..slot_mapping import SlotMapping
+
+__all__ = ["AdaptkernLoRABackend", "BACKEND_NAME", "register"]
+
+BACKEND_NAME = "adaptkern"
+
+
+class AdaptkernLoRABackend:
+    """SGLang's LoRA backend contract on adaptkern's ops.
+
+    Semantics (token t in a segment with slot l, r = lora_ranks[l], s = scalings[l]):
+      run_lora_a_sgemm: out[t, :c·r] = s·x_t·A[l, :c·r]ᵀ, zeros beyond (the scale is applied here)
+      run_lora_b_sgemm: out[t] (+)= x_t[:r]·B[l, :, :r]ᵀ (into ``base_output`` when given)
+      run_qkv_lora / run_gate_up_lora: out[t, o_j:o_{j+1}] (+)= s·(x_t·A_jᵀ)·B[l, o_j:o_{j+1}, :r]ᵀ,
+        A_j = A[l, j·r:(j+1)·r], one :func:`adaptkern.add_lora_delta` call for every slice.
+    The per-token slots live in a :class:`~adaptkern.slot_mapping.SlotMapping` refilled in place
+    (preallocated by :meth:`init_cuda_graph_batch_info` for graph replays).
+    """
+
+    name = BACKEND_NAME
+
+    def __init__(self, max_loras_per_batch: int, device, **kwargs):
+        self.max_loras_per_batch = int(max_loras_per_batch)
+        self.device = torch.device(device)
+        self.mapping: Optional[SlotMapping] = None
+        self.graph_mapping: Optional[SlotMapping] = None
+        self.ranks = torch.zeros(self.max_loras_per_batch, dtype=torch.int32, device=self.device)
+        self.scalings = torch.zeros(self.max_loras_per_batch, dtype=torch.float32, device=self.device)
+        self._packed: dict = {}
+        self._host_ranks: tuple = ()
+
+    # -- batch preparation ---------------------------------------------------------------------
+
+    def init_cuda_graph_batch_info(self, *args, max_bs_in_cuda_graph: Optional[int] = None,
+                                   num_tokens_per_bs: int = 1, **kwargs) -> None:
+        """Preallocate the mapping graph replays refill: max_bs_in_cuda_graph·num_tokens_per_bs rows."""
+        bs = max_bs_in_cuda_graph if max_bs_in_cuda_graph is not None else next(
+            a for a in args if isinstance(a, int))
+        self.graph_mapping = SlotMapping.empty(bs * num_tokens_per_bs, self.max_loras_per_batch, device=self.device)
+
+    def prepare_lora_batch(self, forward_batch, weight_indices: list, lora_ranks: list, scalings: list, *args,
+                           use_cuda_graph: bool = False, **kwargs) -> None:
+        """Per-token slots from the segments (extend: ``extend_seq_lens_cpu`` tokens per sequence;
+        decode: one), ranks and scalings written in place."""
+        extend = forward_batch.forward_mode.is_extend()
+        lens = list(forward_batch.extend_seq_lens_cpu) if extend else [1] * forward_batch.batch_size
+        ids = torch.tensor([w for w, n in zip(weight_indices, lens) for _ in range(n)], dtype=torch.int32)
+        self._host_ranks = tuple(int(r) for r in lora_ranks)
+        self.ranks[:len(lora_ranks)].copy_(torch.tensor(lora_ranks, dtype=torch.int32), non_blocking=True)
+        self.scalings[:len(scalings)].copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
+        graph = use_cuda_graph or (args and args[0] is True)
+        if graph and self.graph_mapping is not None:
+            self.mapping = self.graph_mapping.update_(ids.to(self.device, non_blocking=True), validate=False)
+        else:
+            self.mapping = SlotMapping.from_ids(ids.to(self.device), self.max_loras_per_batch, validate=False)
+
+    # -- the contract's kernels ----------------------------------------------------------------
+
+    def _packed_slices(self, lora_a: Tensor, slices: int) -> list[Tensor]:
+        """A of a stacked module as ``slices`` [S, r_max, in] tensors (slot l's rows [j·r_l, (j+1)·r_l)
+        moved to rows [0, r_l) of slice j): rebuilt only when A or the ranks change."""
+        ranks = self._host_ranks
+        key = (lora_a.data_ptr(), lora_a._version, tuple(lora_a.shape), slices, ranks)
+        if self._packed.get(id(lora_a), (None,))[0] != key:
+            s, rows, _ = lora_a.shape
+            r_max = rows // slices
+            index = torch.zeros(slices, s, r_max, dtype=torch.long)
+            for j in range(slices):
+                for slot, r in enumerate(ranks[:s]):
+                    index[j, slot, :r] = torch.arange(j * r, (j + 1) * r)
+            packed = [lora_a[torch.arange(s, device=lora_a.device)[:, None], index[j].to(lora_a.device)]
+                      for j in range(slices)]
+            self._packed[id(lora_a)] = (key, packed)
+        return self._packed[id(lora_a)][1]
+
+    def run_lora_a_sgemm(self, x: Tensor, weights: Tensor, *args, stack_num: int = 1, **kwargs) -> Tensor:
+        """[T, c·r_max] in x's dtype: s·x·A[l, :c·r]ᵀ packed at the slot's rank (zeros beyond)."""
+        out = torch.empty(x.shape[0], weights.shape[1], dtype=torch.float32, device=x.device)
+        lora_shrink(x, weights, self.mapping, scales=self.scalings, ranks=self.ranks * stack_num, out=out,
+                    validate_ids=False)
+        return out.to(x.dtype)
+
+    def run_lora_b_sgemm(self, x: Tensor, weights: Tensor, base_output: Optional[Tensor] = None, *args,
+                         **kwargs) -> Tensor:
+        """[T, out]: x[:, :r]·B[l, :, :r]ᵀ, added into ``base_output`` when given."""
+        out = base_output if base_output is not None else torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype,
+                                                                      device=x.device)
+        lora_expand(out, x[:, :weights.shape[2]], weights, self.mapping, ranks=self.ranks, add=True,
+                    validate_ids=False)
+        return out
+
+    def _sliced(self, x, lora_a, lora_b, offsets, base_output):
+        slices = len(offsets) - 1
+        out = base_output if base_output is not None else torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype,
+                                                                       device=x.device)
+        b = [lora_b[:, offsets[j]:offsets[j + 1]] for j in range(slices)]
+        add_lora_delta(out, x, self._packed_slices(lora_a, slices), b, self.mapping, scales=self.scalings,
+                       ranks=self.ranks, validate_ids=False)
+        return out
+
+    def run_qkv_lora(self, x: Tensor, qkv_lora_a: Tensor, qkv_lora_b: Tensor, output_offset: Tensor,
+                     output_offset_cpu: Optional[Tensor] = None, max_qkv_out_dim: Optional[int] = None,
+                     base_output: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
+        """q, k, v: B's column blocks [o_j, o_{j+1}) of ``output_offset`` [4]."""
+        offsets = (output_offset_cpu if output_offset_cpu is not None else output_offset.cpu()).tolist()
+        return self._sliced(x, qkv_lora_a, qkv_lora_b, offsets, base_output)
+
+    def run_gate_up_lora(self, x: Tensor, gate_up_lora_a: Tensor, gate_up_lora_b: Tensor,
+                         base_output: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
+        """gate and up: the two halves of B's output columns."""
+        half = gate_up_lora_b.shape[1] // 2
+        return self._sliced(x, gate_up_lora_a, gate_up_lora_b, [0, half, 2 * half], base_output)
+
+
+def register() -> None:
+    """SGLang plug-in: add :class:`AdaptkernLoRABackend` to SGLang's LoRA backend registry as
+    ``"adaptkern"``."""
+    from sglang.srt.lora.backend.lora_registry import register_lora_backend
+
+    register_lora_backend(BACKEND_NAME)(lambda: AdaptkernLoRABackend)
