@@ -12,6 +12,8 @@ from .mixed import mixed_adapter_linear, mixed_lora_linear
 from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter, adapter_batch
 from .pool import AdapterPool
 from .quantized import QuantizedWeight, qlora_linear
+from .serving import add_lora_delta, lora_expand, lora_shrink, mixed_lora_embedding
+from .slot_mapping import SlotMapping
 
 __all__ = [
     "AdapterLinear",
@@ -20,13 +22,18 @@ __all__ = [
     "BottleneckAdapter",
     "LoraAdapter",
     "QuantizedWeight",
+    "SlotMapping",
     "adapter_batch",
     "adapter_linear",
+    "add_lora_delta",
     "bottleneck_linear",
     "bottleneck_norm",
     "dora_linear",
     "dora_weight_norm",
+    "lora_expand",
     "lora_linear",
+    "lora_shrink",
+    "mixed_lora_embedding",
     "mixed_adapter_linear",
     "mixed_lora_linear",
     "qlora_linear",
