@@ -21,7 +21,8 @@ replaced on BERT-style layers, its output Linear on Llama-style layers). Locatio
 
 - BERT-style layers (bert, roberta, xlm-roberta, electra): ``mh_adapter`` on ``attention.output``
   (``.dense``), ``output_adapter`` on ``output`` (``.dense``);
-- Llama-style layers (llama, mistral): ``mh_adapter`` on ``self_attn.o_proj``, ``output_adapter`` on
+- Llama-style layers (llama, mistral, qwen2: ``adapters`` hooks the same Linears there, to the same
+  effect, and refuses ``original_ln_after=False``): ``mh_adapter`` on ``self_attn.o_proj``, ``output_adapter`` on
   ``mlp.down_proj``.
 
 Refused with NotImplementedError naming the config field: ``residual_before_ln="post_add"`` where
@@ -53,7 +54,7 @@ from .. import validation as check
 from ..nn import AdapterLinear
 from . import fused_bottleneck
 from .checkpoint_io import read_json_object, read_state_dict
-from .patching import freeze_base, patch, set_adapter
+from .patching import adapter_modules, patch, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter.safetensors"
@@ -64,24 +65,22 @@ _FAMILIES = {
     "bert": (("bert", "roberta", "xlm-roberta", "electra"),
              {"mh_adapter": "attention.output.dense", "output_adapter": "output.dense"},
              {"mh_adapter": "attention.output", "output_adapter": "output"}),
-    "llama": (("llama", "mistral"),
+    "llama": (("llama", "mistral", "qwen2"),
               {"mh_adapter": "self_attn.o_proj", "output_adapter": "mlp.down_proj"},
               {"mh_adapter": "attention_adapters", "output_adapter": "output_adapters"}),
 }
 
+# model types adapters adapts through its plug-in interface (hooks; the model adds the residual itself)
+_HOOKED = {"qwen2"}
 # adapters' non_linearity (transformers ACT2FN names, lower-cased) -> adaptkern activation, same function
-_ACTIVATIONS = {
-    "relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "swish": "silu", "silu": "silu",
-    "linear": "identity",
-}
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "swish": "silu", "silu": "silu",
+                "linear": "identity"}
 # adapters' ACTIVATION_RENAME: configs saved without "version" (adapter-transformers v1/v2)
 _LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 # adapters' legacy_weights_mapping
-_LEGACY_KEYS = {
-    "attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
-    "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
-}
+_LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters"}
 
 _TOP_LEVEL_FIELDS = {"config", "hidden_size", "model_class", "model_name", "model_type", "name", "version", "type",
                      "label2id", "config_id"}
@@ -94,8 +93,7 @@ _BN_FIELDS = {
     "residual_before_ln", "adapter_residual_before_ln", "inv_adapter", "inv_adapter_reduction_factor",
     "cross_adapter", "leave_out", "dropout", "phm_layer", "phm_dim", "factorized_phm_W", "shared_W_phm",
     "shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm",
-    "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "stochastic_depth", "architecture",
-}
+    "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "stochastic_depth", "architecture"}
 _REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
 # field -> (value that works, why any other value is not an adapter on a Linear)
 _MUST_BE = {
@@ -121,7 +119,7 @@ def _real(value, what: str) -> float:
     return float(value)
 
 
-def _check_bn_config(cfg: dict, legacy: bool) -> dict:
+def check_bn_config(cfg: dict, legacy: bool) -> dict:
     """Validate an adapters BnConfig dict; return what loading needs. Raises NotImplementedError
     for configurations that are not a sequential adapter on a Linear."""
     architecture = cfg.get("architecture")
@@ -196,8 +194,8 @@ def _check_bn_config(cfg: dict, legacy: bool) -> dict:
     if bad:
         raise ValueError(f"adapter config reduction_factor must be > 0, got {cfg['reduction_factor']!r}")
     return dict(locations=[loc for loc in ("mh_adapter", "output_adapter") if _bool(cfg, loc)],
-                reduction_factor=rf, activation=_ACTIVATIONS[act], scaling=scaling, leave_out=set(leave_out),
-                placement=placement, fused=fused)
+                reduction_factor=rf, activation=_ACTIVATIONS[act], non_linearity=act, scaling=scaling,
+                leave_out=set(leave_out), placement=placement, fused=fused)
 
 
 def _bottleneck_size(hidden_size: int, rf, layer: int) -> int:
@@ -245,10 +243,10 @@ def _model_family(model: nn.Module, saved_type) -> str:
         if model_type in types:
             if saved_type is not None and saved_type != model_type:
                 warnings.warn(f"AdapterHub adapter was saved for model_type {saved_type!r}, loading it into a "
-                              f"{model_type!r} model", stacklevel=3)
+                              f"{model_type!r} model", stacklevel=4)
             return family
     supported = sorted(t for types, _, _ in _FAMILIES.values() for t in types)
-    raise NotImplementedError(f"model_type {model_type!r}: load_adapterhub knows where the adapters library "
+    raise NotImplementedError(f"model_type {model_type!r}: adaptkern knows where the adapters library "
                               f"places bottleneck adapters for {supported} only")
 
 
@@ -296,7 +294,7 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     unknown = sorted(set(saved) - _TOP_LEVEL_FIELDS)
     if unknown:
         warnings.warn(f"AdapterHub adapter_config.json: ignoring unknown fields {unknown}", stacklevel=2)
-    spec = _check_bn_config(cfg, legacy="version" not in saved)
+    spec = check_bn_config(cfg, legacy="version" not in saved)
 
     saved_name = saved.get("name")
     if not isinstance(saved_name, str) or not saved_name:
@@ -305,44 +303,8 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     check.adapter_name(name, "adapter name" + (" (from adapter_config.json; pass adapter_name=)"
                                                if adapter_name is None else ""))
 
-    family = _model_family(model, saved.get("model_type"))
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    saved_hidden = saved.get("hidden_size")
-    if hidden is None:
-        hidden = saved_hidden
-    if saved_hidden is not None and saved_hidden != hidden:
-        raise ValueError(f"adapter was saved for hidden_size {saved_hidden}, the model has hidden_size {hidden}")
-    if not isinstance(hidden, int):
-        raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
-    prefix, layers = _find_layers(model, family)
-    _, linears, modules = _FAMILIES[family]
-    fused = spec["fused"]
-    where = fused_bottleneck.placement(spec["placement"], has_norm=family == "bert")  # raises where adapters fails
-    out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
-    if out_of_range:
-        warnings.warn(f"adapter config leave_out names layers {out_of_range} the model does not have", stacklevel=2)
-
-    # Expected tensors: saved key -> (target Linear name, AdapterLinear attribute, shape).
-    expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-    targets: dict[str, int] = {}  # Linear name in model -> bottleneck size
-    for i, layer in sorted(layers.items()):
-        if i in spec["leave_out"]:
-            continue
-        size = _bottleneck_size(hidden, spec["reduction_factor"], i)
-        for loc in spec["locations"]:
-            target = f"{prefix}{layer}.{(modules if fused and family == 'bert' else linears)[loc]}"
-            targets[target] = size
-            key = f"{layer}.{modules[loc]}.adapters.{saved_name}."
-            expected[key + "adapter_down.0.weight"] = (target, "down_weight", (size, hidden))
-            expected[key + "adapter_down.0.bias"] = (target, "down_bias", (size,))
-            expected[key + "adapter_up.weight"] = (target, "up_weight", (hidden, size))
-            expected[key + "adapter_up.bias"] = (target, "up_bias", (hidden,))
-            if isinstance(spec["scaling"], str):
-                expected[key + "scaling"] = (target, "scaling", (1,) if spec["scaling"] == "learned" else (hidden,))
-    if not expected:
-        raise ValueError("the adapter config enables no location (mh_adapter and output_adapter are false, or every "
-                         "layer is left out)")
-
+    layout = bottleneck_layout(model, spec, saved.get("model_type"), saved.get("hidden_size"))
+    expected = weight_keys(layout, spec, saved_name)
     weights_file, raw = read_state_dict(path, SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
     base_model_prefix = getattr(model, "base_model_prefix", "") or ""
     state: dict[str, Tensor] = {}
@@ -367,34 +329,120 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights_file}: {key!r} contains NaN or Inf")
 
-    for target in targets:
-        _check_target(model, target, hidden, name, fused, family)
+    check_sites(model, layout, name)
     for key, (target, _, _) in expected.items():
         dtype = _target_weight(model.get_submodule(target)).dtype  # the adapter is stored in its layer's dtype
         if not torch.isfinite(state[key].to(dtype)).all():
             raise ValueError(f"{weights_file}: {key!r} overflows to Inf in the model's dtype {dtype}")
 
     # Everything checked: now change the model.
-    if fused:
-        _add_fused(model, targets, name, spec, where, family)
-    else:
-        patch(model, "|".join(re.escape(t) for t in targets))
-        for target, size in targets.items():
-            model.get_submodule(target).add_bottleneck(name, size, activation=spec["activation"],
-                                                       placement="sequential", scale=spec["scaling"])
+    install(model, name, spec, layout)
     with torch.no_grad():
         for key, (target, attr, _) in expected.items():
             param = getattr(model.get_submodule(target).adapters[name], attr)
             param.copy_(state[key].to(device=param.device, dtype=param.dtype))
-    if fused:
-        ids = {id(p) for m in fused_bottleneck.fused_modules(model).values() for p in m.adapters.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in ids)
-        fused_bottleneck.set_fused_adapter(model, name)
-    else:
-        freeze_base(model)
-        set_adapter(model, name)
+    record_config(model, name, dict(cfg, non_linearity=spec["non_linearity"]))
+    activate(model, name)
     return model
+
+
+def bottleneck_layout(model: nn.Module, spec: dict, saved_type=None, saved_hidden=None) -> dict:
+    """Where a checked config (:func:`check_bn_config`) puts its adapters in ``model``: family, hidden
+    size, the base model's name prefix, the fused placement (or None) and the sites
+    ``[(layer index, layer name, location, holder name, bottleneck size)]``. Raises (nothing changed)
+    for an unsupported architecture, a hidden size mismatch, or a config that enables no site."""
+    family = _model_family(model, saved_type)
+    if _HOOKED.intersection({getattr(getattr(model, "config", None), "model_type", None), saved_type}) and \
+            not spec["placement"]["original_ln_after"]:
+        raise NotImplementedError("adapter config original_ln_after=false on qwen2: the adapters library places "
+                                  "bottlenecks there through forward hooks and refuses it")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is None:
+        hidden = saved_hidden
+    if saved_hidden is not None and saved_hidden != hidden:
+        raise ValueError(f"adapter was saved for hidden_size {saved_hidden}, the model has hidden_size {hidden}")
+    if not isinstance(hidden, int):
+        raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
+    prefix, layers = _find_layers(model, family)
+    _, linears, modules = _FAMILIES[family]
+    fused = spec["fused"]
+    where = fused_bottleneck.placement(spec["placement"], has_norm=family == "bert")  # raises where adapters fails
+    out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
+    if out_of_range:
+        warnings.warn(f"adapter config leave_out names layers {out_of_range} the model does not have", stacklevel=3)
+    sites = []
+    for i, layer in sorted(layers.items()):
+        if i in spec["leave_out"]:
+            continue
+        size = _bottleneck_size(hidden, spec["reduction_factor"], i)
+        for loc in spec["locations"]:
+            holder = f"{prefix}{layer}.{(modules if fused and family == 'bert' else linears)[loc]}"
+            sites.append((i, layer, loc, holder, size))
+    if not sites:
+        raise ValueError("the adapter config enables no location (mh_adapter and output_adapter are false, or every "
+                         "layer is left out)")
+    return dict(family=family, hidden=hidden, prefix=prefix, where=where if fused else None, sites=sites)
+
+
+def weight_keys(layout: dict, spec: dict, name: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """AdapterHub's state dict keys of adapter ``name`` (relative to the base model) ->
+    (holder module name in the model, attribute of the holder's adapter, shape)."""
+    _, _, modules = _FAMILIES[layout["family"]]
+    hidden = layout["hidden"]
+    keys = {}
+    for _, layer, loc, holder, size in layout["sites"]:
+        key = f"{layer}.{modules[loc]}.adapters.{name}."
+        keys[key + "adapter_down.0.weight"] = (holder, "down_weight", (size, hidden))
+        keys[key + "adapter_down.0.bias"] = (holder, "down_bias", (size,))
+        keys[key + "adapter_up.weight"] = (holder, "up_weight", (hidden, size))
+        keys[key + "adapter_up.bias"] = (holder, "up_bias", (hidden,))
+        if isinstance(spec["scaling"], str):
+            keys[key + "scaling"] = (holder, "scaling", (1,) if spec["scaling"] == "learned" else (hidden,))
+    return keys
+
+
+def check_sites(model: nn.Module, layout: dict, name: str) -> None:
+    """Raise ValueError (nothing changed) unless every site of ``layout`` can take adapter ``name``."""
+    for _, _, _, holder, _ in layout["sites"]:
+        _check_target(model, holder, layout["hidden"], name, layout["where"] is not None, layout["family"])
+
+
+def install(model: nn.Module, name: str, spec: dict, layout: dict) -> None:
+    """Add adapter ``name`` (zero-initialised) at every site of ``layout``: an ``AdapterLinear``
+    sequential adapter (Houlsby-style placements) or a fused-bottleneck holder's adapter."""
+    targets = {holder: size for _, _, _, holder, size in layout["sites"]}
+    if layout["where"] is not None:
+        _add_fused(model, targets, name, spec, layout["where"], layout["family"])
+        return
+    patch(model, "|".join(re.escape(t) for t in targets))
+    for target, size in targets.items():
+        model.get_submodule(target).add_bottleneck(name, size, activation=spec["activation"],
+                                                   placement="sequential", scale=spec["scaling"])
+
+
+def activate(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter of every holder (``AdapterLinear`` and fused) that has it, the
+    others run their base; only adapter parameters (of either holder kind) keep ``requires_grad``."""
+    ids = {id(p) for m in fused_bottleneck.fused_modules(model).values() for p in m.adapters.parameters()}
+    ids |= {id(p) for m in adapter_modules(model).values() for p in m.adapters.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    linear = adapter_modules(model, name)
+    set_adapter(model, name if linear else None)
+    fused_bottleneck.set_fused_adapter(model, name if fused_bottleneck.fused_modules(model, name) else None)
+
+
+# model attribute holding {adapter name: its AdapterHub BnConfig dict}, read by save_adapterhub
+CONFIGS_ATTR = "adapterhub_configs"
+
+
+def record_config(model: nn.Module, name: str, cfg: dict) -> None:
+    """Remember adapter ``name``'s AdapterHub config on ``model`` (``model.adapterhub_configs``)."""
+    configs = getattr(model, CONFIGS_ATTR, None)
+    if not isinstance(configs, dict):
+        configs = {}
+        setattr(model, CONFIGS_ATTR, configs)
+    configs[name] = dict(cfg)
 
 
 def _target_weight(module: nn.Module) -> Tensor:

@@ -25,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2Model, LlamaConfig,
-                          LlamaForCausalLM, LlamaModel)
+                          LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, RobertaConfig, RobertaModel)
 
 from adaptkern.integrations.adapterhub import load_adapterhub
 from adaptkern.integrations.fused_bottleneck import fused_modules, set_fused_adapter
@@ -37,7 +38,10 @@ from ..models import assert_unchanged, snapshot
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "adapterhub")
 ATOL = 1e-5
-MODELS = {"bert": (BertConfig, BertModel), "llama": (LlamaConfig, LlamaForCausalLM)}
+MODELS = {"bert": (BertConfig, BertModel), "llama": (LlamaConfig, LlamaForCausalLM),
+          "roberta": (RobertaConfig, RobertaModel), "mistral": (MistralConfig, MistralForCausalLM),
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}  # qwen2: adapters' plug-in hooks (adapter_interface.json)
+ENCODERS = ("bert", "roberta")  # fixtures hold last_hidden_state; the decoders' hold logits
 
 # fixture -> (Linear suffixes that get the adapter, activation, scale)
 LOADABLE = {
@@ -49,6 +53,8 @@ LOADABLE = {
     ("llama", "houlsby_gelu"): (["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                                  "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"], "gelu_tanh",
                                 2.0),
+    ("qwen2", "houlsby"): ([f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")],
+                           "silu", 1.0),
 }
 
 
@@ -74,7 +80,7 @@ def run(model, family, grad=False):
     inputs = load_file(os.path.join(FIXTURES, family, "inputs.safetensors"))
     with torch.set_grad_enabled(grad):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    return (out.last_hidden_state if family == "bert" else out.logits).detach()
+    return (out.last_hidden_state if family in ENCODERS else out.logits).detach()
 
 
 def copy_fixture(tmp_path, family="bert", adapter="houlsby"):
@@ -160,6 +166,17 @@ FUSED = {
                                        "residual", (1.0, 0.0, 0.0), False),
     ("llama", "pfeiffer"): (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], "sum", (1.0, 1.0, 0.0),
                             False),
+    ("roberta", "pfeiffer"): (["encoder.layer.0.output", "encoder.layer.1.output"], "norm", (1.0, 1.0, 0.0), True),
+    ("roberta", "parallel"): ([f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.output", "output")],
+                              "residual", (1.0, 1.0, 0.0), True),
+    ("mistral", "pfeiffer"): ([f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")],
+                              "sum", (1.0, 1.0, 0.0), False),
+    ("mistral", "parallel"): (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], "residual",
+                              (1.0, 1.0, 0.0), False),
+    ("qwen2", "pfeiffer"): ([f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")],
+                            "sum", (1.0, 1.0, 0.0), False),
+    ("qwen2", "parallel"): (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], "residual",
+                            (1.0, 1.0, 0.0), False),
     ("llama", "pfeiffer_res_after_ln"): ([f"model.layers.{i}.{m}" for i in (0, 1)
                                           for m in ("self_attn.o_proj", "mlp.down_proj")], "sum", (1.0, 2.0, 0.0),
                                          False),
@@ -200,7 +217,7 @@ def test_reproduces_adapters_outputs_fused(family, adapter):
     inputs = load_file(os.path.join(FIXTURES, family, "inputs.safetensors"))
     with count_launches() as launches:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        (out.last_hidden_state if family == "bert" else out.logits).square().mean().backward()
+        (out.last_hidden_state if family in ENCODERS else out.logits).square().mean().backward()
     assert launches["_bottleneck_norm_bwd_kernel"] == len(holders), launches
     for n, p in model.named_parameters():
         assert (p.grad is not None and bool(p.grad.abs().sum() > 0)) == p.requires_grad, n
@@ -261,6 +278,7 @@ def test_legacy_config_and_keys(tmp_path):
     ("llama", "pfeiffer", dict(residual_before_ln="post_add"), "residual_before_ln"),
     ("bert", "seq_relu", dict(residual_before_ln="post_add"), "residual_before_ln"),
     ("bert", "pfeiffer", dict(ln_after=True), "ln_after"),
+    ("qwen2", "pfeiffer", dict(original_ln_after=False), "original_ln_after"),
 ])
 def test_placements_the_library_cannot_run_raise(tmp_path, family, adapter, changes, field):
     """"post_add" without a norm to add before, or without original_ln_before: the adapters library fails."""
