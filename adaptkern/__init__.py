@@ -42,9 +42,10 @@ __version__ = "0.1.0"
 
 # Hugging Face integrations import transformers: load them on first use, not with adaptkern.
 _INTEGRATIONS = {
-    "patch": "patching", "add_lora": "patching", "add_bottleneck": "patching", "set_adapter": "patching",
+    "patch": "patching", "add_lora": "patching", "add_bottleneck": "bottleneck_config", "set_adapter": "patching",
     "adapter_parameters": "patching", "load_peft": "peft", "save_peft": "peft", "from_peft_model": "peft",
-    "load_adapterhub": "adapterhub", "fuse_peft": "peft_fuse", "unfuse_peft": "peft_fuse",
+    "load_adapterhub": "adapterhub", "save_adapterhub": "adapterhub_save", "adapterhub_config": "bottleneck_config",
+    "fuse_peft": "peft_fuse", "unfuse_peft": "peft_fuse",
     "merge_and_unload": "patching", "disable_adapters": "patching", "delete_adapter": "patching",
     "trainable_summary": "patching",
 }

@@ -8,9 +8,10 @@ peft, and the Hugging Face modules load on first use of one of their names.
 import importlib
 
 _NAMES = {
-    "Conv1DAdapter": "patching", "adapter_parameters": "patching", "add_bottleneck": "patching",
+    "Conv1DAdapter": "patching", "adapter_parameters": "patching", "add_bottleneck": "bottleneck_config",
     "add_lora": "patching", "patch": "patching", "set_adapter": "patching", "target_module_names": "patching",
-    "load_adapterhub": "adapterhub", "from_peft_model": "peft", "load_peft": "peft", "save_peft": "peft",
+    "load_adapterhub": "adapterhub", "save_adapterhub": "adapterhub_save", "adapterhub_config": "bottleneck_config",
+    "from_peft_model": "peft", "load_peft": "peft", "save_peft": "peft",
 }
 __all__ = sorted(_NAMES)
 
