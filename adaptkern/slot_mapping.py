@@ -22,7 +22,9 @@ class SlotMapping:
         counts[s]     = rows of slot s;  offsets[s] = counts[0] + … + counts[s-1]  (offsets[S]: rows with a slot)
         active_slots  = slots with counts > 0, ascending, then -1;  num_active[0] = their number
 
-    Built on the ids' device by a counting sort, with no host sync. Every buffer keeps its
+    Built on the ids' device by a stable counting sort, with no host sync: one native launch
+    (csrc/, built on first use; ``rows.native_available``), else several PyTorch launches with the
+    same bits (``ADAPTKERN_NO_NATIVE=1``, no compiler, CUDA with S > 2047). Every buffer keeps its
     address across :meth:`update_`, so a CUDA graph captured around a mixed op that takes this
     mapping replays with any new mapping and any number of active adapters (one graph per
     batch size, not per active-adapter count). Every mixed op accepts a ``SlotMapping``
@@ -55,14 +57,15 @@ class SlotMapping:
     def update_(self, adapter_ids, *, validate: bool = True) -> "SlotMapping":
         """Refill in place from adapter_ids [M] (int32/int64 tensor on the mapping's device, or a
         list of ints), M <= max_tokens. The range check (ids in [-1, S)) reads the ids on the host;
-        ``validate=False``, torch.compile and CUDA graph capture skip it (out-of-range ids are -1)."""
+        ``validate=False``, torch.compile and CUDA graph capture skip it (out-of-range ids are -1).
+        The metadata comes from ``rows.update_slot_metadata_`` (a custom op: no graph break)."""
         if isinstance(adapter_ids, Tensor) and adapter_ids.dim() != 1:
             raise ValueError(f"adapter_ids must be 1-D [M], got shape {tuple(adapter_ids.shape)}")
         m = len(adapter_ids) if isinstance(adapter_ids, (list, tuple)) else adapter_ids.shape[0]
         if m > self.max_tokens:
             raise ValueError(f"adapter_ids has M={m} rows, more than the mapping's max_tokens={self.max_tokens}")
         ids = check.adapter_ids(adapter_ids, m, self.num_slots, validate=validate, device=self.device)
-        rows.write_slot_metadata_(ids, self._meta)
+        rows.update_slot_metadata_(ids, self._meta)
         self.num_tokens = m
         return self
 

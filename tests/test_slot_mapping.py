@@ -1,9 +1,12 @@
 """``SlotMapping``: preallocated batch metadata refilled in place, accepted by every mixed op."""
 
+import os
+
 import pytest
 import torch
 
 from adaptkern.mixed import mixed_adapter_linear, mixed_lora_linear
+from adaptkern.ops.mixed_adapter_linear import rows
 from adaptkern.pool import AdapterPool
 from adaptkern.serving import add_lora_delta
 from adaptkern.slot_mapping import SlotMapping
@@ -24,6 +27,43 @@ def test_update_refills_in_place_with_the_documented_metadata():
     assert mapping.active_slots.tolist() == [1, -1, -1, -1] and mapping.offsets.tolist() == [0, 0, 1, 1, 1]
     assert ptrs == [t.data_ptr() for t in (mapping.slots, mapping.sorted_rows, mapping.counts, mapping.offsets,
                                            mapping.active_slots, mapping.num_active)]
+
+
+def native_calls(fn, *args) -> int:
+    """Calls of the native metadata op in ``fn(*args)`` (the profiler also sees ops that compiled code runs)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return [e.name for e in prof.events()].count("adaptkern_native::slot_mapping_update_")
+
+
+def metadata(mapping: SlotMapping) -> list:
+    return [t.tolist() for t in (mapping.slots, mapping.sorted_rows, mapping.counts, mapping.offsets,
+                                 mapping.active_slots, mapping.num_active)]
+
+
+def pytorch_metadata(ids: torch.Tensor, max_tokens: int, num_slots: int) -> list:
+    meta = rows.write_slot_metadata_(ids, rows.slot_metadata_buffers(max_tokens, num_slots, ids.device))
+    return [t.tolist() for t in meta]
+
+
+@pytest.mark.skipif(os.environ.get("ADAPTKERN_NO_NATIVE", "") not in ("", "0"), reason="ADAPTKERN_NO_NATIVE is set")
+def test_update_is_one_native_call_with_the_pytorch_bits():
+    assert rows.native_available("cpu"), f"the native slot metadata op did not build: {rows._NATIVE_ERROR}"
+    mapping = SlotMapping.empty(300, 7)
+    for ids in (torch.randint(-1, 7, (300,)), torch.full((5,), 6, dtype=torch.int32), torch.zeros(0, dtype=torch.long)):
+        assert native_calls(mapping.update_, ids) == 1
+        assert metadata(mapping) == pytorch_metadata(ids, 300, 7)
+
+
+@pytest.mark.skipif(os.environ.get("ADAPTKERN_NO_NATIVE", "") not in ("", "0"), reason="ADAPTKERN_NO_NATIVE is set")
+def test_update_compiles_fullgraph_around_the_native_op():
+    """torch.compile keeps update_ in one graph (the custom op has a fake); the compiled call runs the C++ op."""
+    mapping = SlotMapping.empty(16, 4)
+    fn = torch.compile(lambda ids: mapping.update_(ids, validate=False).sorted_rows, fullgraph=True,
+                       backend="aot_eager")
+    for ids in (torch.tensor([2, -1, 0, 2, 3, 2]), torch.tensor([1, 1, 0, 9, 3, 2, 0, 0], dtype=torch.int32)):
+        assert native_calls(fn, ids) == 1
+        assert mapping.num_tokens == len(ids) and metadata(mapping) == pytorch_metadata(ids, 16, 4)
 
 
 def test_errors_before_any_change():
@@ -95,3 +135,24 @@ def test_cuda_graph_captured_once_replays_any_mapping():
         add_lora_delta(want_delta, x, a, b, ids.to(dev), scales=scales, ranks=ranks, offset=128)
         assert torch.equal(y_delta, want_delta)
         assert int(mapping.num_active) == len(set(ids.tolist()) - {-1})
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_native_update():
+    """The native update captured alone: every replay rewrites all six buffers as the PyTorch producer would."""
+    assert rows.native_available("cuda"), f"the CUDA build failed: {rows._NATIVE_ERROR}"
+    gen = torch.Generator().manual_seed(1)
+    m, s = 3000, 40
+    mapping = SlotMapping.empty(m + 100, s, device="cuda")
+    static_ids = torch.full((m,), -1, dtype=torch.int64, device="cuda")
+    mapping.update_(static_ids, validate=False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mapping.update_(static_ids, validate=False)
+    for ids in (torch.randint(-1, s, (m,), generator=gen), torch.randint(-9, s + 9, (m,), generator=gen),
+                torch.full((m,), s - 1), torch.full((m,), -1)):
+        static_ids.copy_(ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert metadata(mapping) == pytorch_metadata(ids, m + 100, s)
