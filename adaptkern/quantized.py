@@ -17,7 +17,8 @@ from torch import Tensor
 from . import validation as check
 from .functional import any_requires_grad, autocast_input, flatten_rows
 from .ops.config import ONEPASS_MAX_RANK
-from .ops.quantized_lora_linear import NESTED_BLOCKSIZE, QUANT_TYPES, ROUTES, code_table, quantized_lora_linear_op
+from .ops.quantized_lora_linear import (NESTED_BLOCKSIZE, QUANT_TYPES, ROUTES, code_pairs, code_table,
+                                        quantized_lora_linear_op)
 
 # The block sizes bitsandbytes quantizes with; the kernels read every one of them exactly.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -25,8 +26,24 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
+def _tables(quant_type: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(code [16], code_pairs(code) [256, 2]) of a quant type on a device, built once."""
+    code = code_table(quant_type, device)
+    return code, code_pairs(code)
+
+
 def _code(quant_type: str, device: torch.device) -> Tensor:
-    return code_table(quant_type, device)
+    return _tables(quant_type, device)[0]
+
+
+def _pairs(qw: "QuantizedWeight") -> Tensor:
+    """The byte table of ``qw.code``: the cached one when the code is the cached table of its
+    quant type (every ``from_bnb`` weight), else built here."""
+    if qw.quant_type in QUANT_TYPES:
+        code, pairs = _tables(qw.quant_type, qw.code.device)
+        if qw.code is code:
+            return pairs
+    return code_pairs(qw.code.float())
 
 
 class QuantizedWeight(NamedTuple):
@@ -175,7 +192,7 @@ def qlora_linear(x, weight, quant_state, bias, lora_a, lora_b, *, scale=1.0, dro
     seed = None
     if dropout > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    y, _ = quantized_lora_linear_op(x2, qw.data, qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset, qw.code, n,
-                                    qw.blocksize, qw.dtype, bias, lora_a, lora_b, scale, dropout, seed,
+    y, _ = quantized_lora_linear_op(x2, qw.data, qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset, _pairs(qw),
+                                    n, qw.blocksize, qw.dtype, bias, lora_a, lora_b, scale, dropout, seed,
                                     any_requires_grad(x, bias, lora_a, lora_b), route)
     return y.reshape(*lead, n)

@@ -27,6 +27,9 @@ Ceilings (``--check``; tests/ops/test_compiled_code.py runs it in CI):
 * every 16-bit launch with BLOCK_M >= 64 runs its dots on wgmma (no mma.sync);
 * the hot GEMM launches (split main GEMM, dX, one-pass, mixed linear at M=8192) use at
   most 110 % of the reference matmul's registers and reach its CTAs per SM.
+* 4-bit base launches (group "quantized", ``adaptkern.quantized.qlora_linear``): the spill,
+  shared-memory and wgmma ceilings; not the cp.async one (the double-quantized scale is a
+  1-byte gather per row and tile, the packed bytes of a two-stage loop a plain 16-byte load).
 
 Usage: ``python benchmarks/kernel_report.py [--check] [--json PATH] [--quick] [--only SUBSTR]``
 (TRITON_INTERPRET must be unset or 0).
@@ -101,7 +104,8 @@ class Launch:
 @contextlib.contextmanager
 def capturing(record: list):
     """Launchers take their Triton path on CPU tensors; every JIT launch is recorded, not run."""
-    patches = [(JITFunction, "run", None), (AL, "use_triton", lambda x: True), (MAL, "use_triton", lambda x: True)]
+    patches = [(JITFunction, "run", None), (AL, "use_triton", lambda x: True), (MAL, "use_triton", lambda x: True),
+               (QL, "use_triton", lambda x: True)]
 
     def run(self, *args, grid, warmup, **kwargs):
         record.append((self, tuple(grid) if not callable(grid) else grid, args, kwargs))
@@ -265,6 +269,7 @@ def scenarios(quick: bool = False):
     qkv = (K, K // 4, K // 4)  # grouped-query attention: q 4096, k 1024, v 1024
     yield "mixed qkv S32 r16 M8192", _mixed_slices(8192, K, qkv, 16, 32, bf), (), "report"
     yield "mixed qkv S32 r16 M64 decode", _mixed_slices(64, K, qkv, 16, 32, bf), (), "report"
+    yield from quantized_scenarios(quick)
     if quick:
         return
     yield "bottleneck R256 M8192 gelu", _bottleneck(8192, K, N, 256, bf), (), "report"
@@ -284,6 +289,47 @@ def scenarios(quick: bool = False):
         yield f"lora r16 M1 {tag} onepass", _lora(1, 512, 512, 16, dt, train=False), (), "coverage"
         yield f"lora r16 M2048 {tag} train", _lora(2048, 1024, 1024, 16, dt, dropout=0.1, bias=True), (), "coverage"
         yield f"mixed S4 r16 M2048 {tag} train", _mixed(2048, 1024, 1024, 16, 4, dt, train=True), (), "coverage"
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit base (QLoRA): qlora_linear on a bitsandbytes-layout weight (NF4, blocksize 64, double
+# quantization unless "plain absmax"); the packed tensors are empty, only their shapes matter.
+
+from adaptkern.ops.quantized_lora_linear import op as QL  # noqa: E402
+from adaptkern.quantized import QuantizedWeight, qlora_linear  # noqa: E402
+
+
+def _qlora(m, k, n, r, dtype, *, train=True, route="auto", nested=True, blocksize=64):
+    def body(t):
+        blocks = -(-n * k // blocksize)
+        qw = QuantizedWeight(
+            torch.empty((n * k + 1) // 2, dtype=torch.uint8),
+            torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32), torch.empty(16), (n, k), blocksize,
+            "nf4", dtype, *((torch.empty(-(-blocks // 256)), torch.empty(256), torch.empty(1)) if nested else ()))
+        x = torch.empty(m, k, dtype=dtype, requires_grad=train)
+        a = torch.empty(r, k, dtype=dtype, requires_grad=train)
+        bw = torch.empty(n, r, dtype=dtype, requires_grad=train)
+        dy = torch.empty(m, n, dtype=dtype)
+        t.update(x=x, A=a, B=bw, dY=dy)
+        with torch.set_grad_enabled(train):
+            y = qlora_linear(x, qw, None, None, a, bw, scale=2.0, route=route)
+            if train:
+                y.backward(dy)
+    return body
+
+
+def quantized_scenarios(quick: bool = False):
+    """The 4-bit scenarios of :func:`scenarios` (group "quantized")."""
+    bf, K, N = torch.bfloat16, 4096, 4096
+    yield "qlora r16 M8192 train", _qlora(8192, K, N, 16, bf), (), "quantized"
+    if quick:
+        return
+    yield "qlora r16 M1024 onepass", _qlora(1024, K, N, 16, bf, train=False, route="onepass"), (), "quantized"
+    yield "qlora r16 M16 decode", _qlora(16, K, N, 16, bf, train=False), (), "quantized"
+    yield "qlora r16 M16 decode plain absmax", _qlora(16, K, N, 16, bf, train=False, nested=False), (), "quantized"
+    yield "qlora r16 M8192 fp16 train", _qlora(8192, K, N, 16, torch.float16), (), "quantized"
+    # K % blocksize != 0: blocks cross rows, every element gathers its own byte, code and scale
+    yield "qlora r8 M300 K1000 train", _qlora(300, 1000, 520, 8, bf), (), "quantized"
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +632,7 @@ def check(rows: list[Row]) -> list[str]:
         if f.smem > SMEM_PER_BLOCK:
             r.failures.append(f"smem: {f.smem} B shared memory > {SMEM_PER_BLOCK} B per block")
         bm = int(r.tiles.split("×")[0]) if r.tiles and r.tiles[0].isdigit() else 0
-        if sixteen and r.group != "unaligned" and f.loop_ldg:
+        if sixteen and r.group not in ("unaligned", "quantized") and f.loop_ldg:
             r.failures.append(f"async: {f.loop_ldg} plain global loads (LDG) in the K loop, not cp.async")
         if sixteen and bm >= 64 and "mma.sync" in f.mma:
             r.failures.append(f"wgmma: BLOCK_M={bm} dot on mma.sync")

@@ -8,8 +8,8 @@ import torch
 
 from adaptkern.ops.adapter_linear import dropout_mask
 from adaptkern.ops.common import use_triton
-from adaptkern.ops.quantized_lora_linear import (code_table, dequantize_4bit_ref, quantized_lora_linear_backward_op,
-                                                 quantized_lora_linear_op)
+from adaptkern.ops.quantized_lora_linear import (code_pairs, code_table, dequantize_4bit_ref,
+                                                 quantized_lora_linear_backward_op, quantized_lora_linear_op)
 from adaptkern.ops.quantized_lora_linear.reference import quantized_lora_linear_ref
 from adaptkern.testing import assert_close
 
@@ -29,7 +29,7 @@ def _quantize(n, k, w_dtype, quant_type, nested, blocksize, seed=0):
         extra = (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1).float())
     else:
         extra = (None, None, None)
-    args = (packed.reshape(-1), qs.absmax, *extra, code, n, blocksize, w_dtype)
+    args = (packed.reshape(-1), qs.absmax, *extra, code_pairs(code), n, blocksize, w_dtype)
     return args, BF.dequantize_4bit(packed, qs)
 
 
@@ -39,11 +39,12 @@ def test_code_tables_are_bitsandbytes():
                            BF.get_4bit_type(quant_type, device="cpu").view(torch.int32))
 
 
-# (N, K, blocksize): tiles inside one block per row (ROW_BLOCKS), blocks spanning rows, odd K
-# (each element reads its own byte), blocksize 128. bitsandbytes' AVX-512 CPU dequantize
-# disagrees with its CUDA and default kernels when K is even and a block spans rows (K <
-# blocksize), so those shapes are left out of the comparison with it.
-LAYOUTS = [(40, 128, 64), (33, 70, 32), (21, 33, 64), (17, 256, 128)]
+# (N, K, blocksize): tiles inside one block per row (a scale per row), blocks spanning rows, odd K
+# (each element reads its own byte), blocksize 128, two blocks per tile row (a scale per block)
+# on tiles inside W (no masks) and on tiles crossing its edges. bitsandbytes' AVX-512 CPU
+# dequantize disagrees with its CUDA and default kernels when K is even and a block spans rows
+# (K < blocksize), so those shapes are left out of the comparison with it.
+LAYOUTS = [(40, 128, 64), (33, 70, 32), (21, 33, 64), (17, 256, 128), (64, 128, 32), (24, 96, 32)]
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
 BITWISE = [(qt, nested, layout, DTYPE_PAIRS[i % len(DTYPE_PAIRS)]) for i, (qt, nested, layout) in
@@ -66,7 +67,8 @@ def test_kernel_dequantization_is_bitsandbytes_bit_for_bit(case, device):
     want = w_bnb.to(x_dtype)
     r = 4
     a_w, b_w = torch.zeros(r, k, dtype=x_dtype, device=device), torch.zeros(n, r, dtype=x_dtype, device=device)
-    assert torch.equal(dequantize_4bit_ref(*args[:6], (n, k), blocksize, w_dtype).to(x_dtype), want)
+    assert torch.equal(dequantize_4bit_ref(*args[:5], code_table(quant_type), (n, k), blocksize, w_dtype).to(x_dtype),
+                       want)
     for route in ("onepass", "split"):
         with count_launches() as launches:
             y, _ = quantized_lora_linear_op(torch.eye(k, dtype=x_dtype, device=device), *args, None, a_w, b_w, 1.0,
@@ -85,7 +87,8 @@ NAMES = ("x", "w", "bias", "lora_a", "lora_b")
 WRT = (0, 2, 3, 4)
 
 # (M, K, N, R, blocksize, quant type, double quant): odd sizes, block edges, M = 0, odd K, a
-# rank above the one-pass limit.
+# rank above the one-pass limit, W tiles inside W (N, K multiples of the tiles) with two
+# quantization blocks per tile row.
 SHAPES = [
     (1, 64, 16, 1, 64, "nf4", False),
     (37, 70, 53, 5, 32, "fp4", True),
@@ -93,6 +96,7 @@ SHAPES = [
     (0, 64, 48, 4, 64, "nf4", False),
     (23, 33, 40, 8, 64, "nf4", True),
     (9, 128, 24, 72, 128, "fp4", False),
+    (33, 128, 64, 8, 32, "nf4", True),
 ]
 # One-pass holds the whole rank tile beside the output tile: ranks above 64 run split only.
 ROUTED = [(s, route) for s in SHAPES for route in ("onepass", "split") if route == "split" or s[3] <= 64]

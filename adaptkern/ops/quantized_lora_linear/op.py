@@ -37,20 +37,58 @@ ROUTES = ("auto", "onepass", "split")
 _TL = {**TL_DTYPES, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _weight_args(qweight, absmax, nested_absmax, nested_code, offset, code, k, blocksize, w_dtype, x_dtype,
-                 tile_cols):
-    """Pointer arguments and constexprs that describe W to both kernels (``tile_cols``: the width
-    of a W tile along K)."""
+def _scales_per_row(k: int, blocksize: int, tile_cols: int) -> int:
+    """Quantization blocks per row of a W tile ``tile_cols`` wide when every tile row lies in whole
+    blocks or inside one (K % blocksize == 0); 0 when blocks cross rows or tiles (a scale per element)."""
+    if k % blocksize:
+        return 0
+    if blocksize % tile_cols == 0:
+        return 1
+    return tile_cols // blocksize if tile_cols % blocksize == 0 else 0
+
+
+def _weight_args(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, k, blocksize, w_dtype, x_dtype,
+                 tile_rows, tile_cols):
+    """Pointer arguments, the packed row stride and the constexprs that describe W to both kernels
+    (a W tile is ``tile_rows`` rows of N by ``tile_cols`` columns of K)."""
     nested = nested_absmax is not None
     ptrs = (qweight, absmax, nested_absmax if nested else absmax, nested_code if nested else absmax,
-            offset if nested else absmax, code)
+            offset if nested else absmax, pairs.view(torch.int64).reshape(-1))
     flags = dict(BLOCKSIZE=blocksize, NESTED=nested, EVEN_K=k % 2 == 0,
-                 ROW_BLOCKS=k % blocksize == 0 and blocksize % tile_cols == 0,
+                 SCALES=_scales_per_row(k, blocksize, tile_cols), MASK=n % tile_rows != 0 or k % tile_cols != 0,
                  W_DTYPE=_TL[w_dtype], X_DTYPE=_TL[x_dtype], BITS_BF16=config.interpreting())
-    return ptrs, flags
+    return ptrs, k // 2, flags
 
 
-def _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype, bias,
+def _plan(cfg, k: int, blocksize: int, dot_dtype: dict, kind: str):
+    """(tiles, launch options) of a 4-bit launch, ``kind`` "split", "onepass" or "dx"; ``cfg`` holds
+    the bf16 GEMM's tiles. Compiled-code facts behind each choice: docs/compiled-code.md.
+
+    * K % blocksize != 0 (blocks cross rows): every element gathers its byte, code and scale,
+      so the W tile shrinks to 64×32 and the loop is not pipelined (a stage of such a 128×64 tile
+      holds 80+ KiB of gathered values).
+    * float32 dots without tensor cores (FMA, ``PRECISION="ieee"``) hold their operands in
+      registers: 64×64×16 tiles of 4 warps (128×128×64 spills kilobytes per thread).
+    * 16-bit dots on 128×128 tiles of 8 warps: registers are capped at 128, two CTAs per SM
+      (65536 registers), for dX and for the split forward in bf16 at two stages; the one-pass
+      forward (x·Aᵀ beside the tile) and the fp16 split forward (its epilogue holds a second
+      accumulator) would spill, and keep one CTA per SM.
+    """
+    if k % blocksize:
+        cfg = cfg._replace(block_n=min(cfg.block_n, 64), block_k=min(cfg.block_k, 32), num_stages=1)
+    dt = dot_dtype["DOT_DTYPE"]
+    if dt == tl.float32 and dot_dtype["PRECISION"] == "ieee" and not config.interpreting():
+        cfg = cfg._replace(block_m=min(cfg.block_m, 64), block_n=min(cfg.block_n, 64), block_k=16, num_warps=4)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if (k % blocksize == 0 and cfg.num_warps == 8 and cfg.block_m * cfg.block_n == 128 * 128
+            and (kind == "dx" and dt in (tl.bfloat16, tl.float16) or kind == "split" and dt == tl.bfloat16)):
+        opts["maxnreg"] = 128
+        if kind == "split":
+            opts["num_stages"] = 2
+    return cfg, opts
+
+
+def _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, bias,
                     a_w, b_w, scale, dropout_p, seed, need_z, route):
     m, k = x.shape
     r = a_w.shape[0]
@@ -76,22 +114,23 @@ def _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, code
              dot_dtype=dot_dtype)
     if n == 0:
         return y, z
-    ptrs, flags = _weight_args(qweight, absmax, nested_absmax, nested_code, offset, code, k, blocksize, w_dtype,
-                               x.dtype, cfg.block_k)
+    cfg, opts = _plan(cfg, k, blocksize, dot_dtype, route)
+    ptrs, stride_qw, flags = _weight_args(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, k, blocksize,
+                                          w_dtype, x.dtype, cfg.block_n, cfg.block_k)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _quantized_lora_linear_fwd_kernel[grid](
         y, s, x, *ptrs, bias if bias is not None else y, a_w, b_w,
         m, n, k, r,
-        *y.stride(), *(s.stride() if s.dim() == 2 else (0, 0)), *x.stride(), *a_w.stride(), *b_w.stride(),
+        *y.stride(), *(s.stride() if s.dim() == 2 else (0, 0)), *x.stride(), *a_w.stride(), *b_w.stride(), stride_qw,
         scale,
         HAS_BIAS=bias is not None, ONEPASS=onepass, STORE_Z=need_z, **flags,
         **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=config.block_r(r),
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        GROUP_M=cfg.group_m, enable_fp_fusion=False, **opts,
     )
     return y, z
 
 
-def _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype,
+def _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype,
                      a_w, b_w, z, scale, dropout_p, seed, needs):
     m, k = x.shape
     r = a_w.shape[0]
@@ -106,18 +145,19 @@ def _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset,
     if need_x:
         dx = x.new_empty((m, k))
         if m:
-            cfg = config.gemm_config(m, k, elem_size(dot_dtype), device=x.device)
-            ptrs, flags = _weight_args(qweight, absmax, nested_absmax, nested_code, offset, code, k, blocksize,
-                                       w_dtype, x.dtype, cfg.block_n)
+            cfg, opts = _plan(config.gemm_config(m, k, elem_size(dot_dtype), device=x.device), k, blocksize,
+                              dot_dtype, "dx")
+            ptrs, stride_qw, flags = _weight_args(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, k,
+                                                  blocksize, w_dtype, x.dtype, cfg.block_k, cfg.block_n)
             grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n),)
             _quantized_lora_linear_dx_kernel[grid](
                 dx, dy, dz, a_w, *ptrs, seed if dropout else dx,
                 m, n, k, r,
-                *dx.stride(), *dy.stride(), *dz.stride(), *a_w.stride(),
+                *dx.stride(), *dy.stride(), *dz.stride(), *a_w.stride(), stride_qw,
                 dropout_p,
                 DROPOUT=dropout, **flags, **dot_dtype,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=min(config.block_r(r), 64),
-                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+                GROUP_M=cfg.group_m, enable_fp_fusion=False, **opts,
             )
     if need_a:
         da = gemm(torch.empty((r, k), **f32), dz.t(), x, seed=seed, dropout_p=dropout_p,
@@ -134,36 +174,38 @@ def _keep_mask(seed: Optional[Tensor], m: int, k: int, p: float, device) -> Opti
     return dropout_keep_mask(int(seed.item()), (m, k), p, device)
 
 
-def _dequantize(qweight, absmax, nested_absmax, nested_code, offset, code, n, k, blocksize, w_dtype):
-    return reference.dequantize_4bit_ref(qweight, absmax, nested_absmax, nested_code, offset, code, (n, k),
-                                         blocksize, w_dtype)
+def _dequantize(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, k, blocksize, w_dtype):
+    return reference.dequantize_4bit_ref(qweight, absmax, nested_absmax, nested_code, offset,
+                                         reference.code_of_pairs(pairs), (n, k), blocksize, w_dtype)
 
 
 @torch.library.custom_op("adaptkern::quantized_lora_linear", mutates_args=())
 def quantized_lora_linear_op(
     x: Tensor, qweight: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-    offset: Optional[Tensor], code: Tensor, n: int, blocksize: int, w_dtype: torch.dtype, bias: Optional[Tensor],
+    offset: Optional[Tensor], pairs: Tensor, n: int, blocksize: int, w_dtype: torch.dtype, bias: Optional[Tensor],
     a_w: Tensor, b_w: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor], need_z: bool, route: str,
 ) -> tuple[Tensor, Tensor]:
     """Semantics: y = x·Wᵀ + b + s·(x̃·Aᵀ)·Bᵀ, W the 4-bit weight dequantized; returns (y [M, N],
     z = x̃·Aᵀ [M, R] fp32, or [0] without ``need_z``).
 
     Shapes: x [M, K], qweight uint8 [⌈N·K/2⌉], absmax [⌈N·K/blocksize⌉] fp32 (uint8 when
-    nested), nested_absmax [⌈B/256⌉] fp32, nested_code [256] fp32, offset [1] fp32, code [16]
-    fp32, bias [N], a_w [R, K], b_w [N, R], seed [1] int64 (read when dropout_p > 0). W's dtype
+    nested), nested_absmax [⌈B/256⌉] fp32, nested_code [256] fp32, offset [1] fp32, pairs [256, 2]
+    fp32 (the code table by byte, ``reference.code_pairs``: the kernels read both codes of a byte
+    in one 8-byte load), bias [N], a_w [R, K], b_w [N, R], seed [1] int64 (read when dropout_p >
+    0). W's dtype
     ``w_dtype`` is the one bitsandbytes dequantizes to. Validated by the callers
     (``adaptkern.quantized``); this op trusts them.
     """
     if use_triton(x):
-        return _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype,
+        return _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype,
                                bias, a_w, b_w, scale, dropout_p, seed, need_z, route)
-    w = _dequantize(qweight, absmax, nested_absmax, nested_code, offset, code, n, x.shape[1], blocksize, w_dtype)
+    w = _dequantize(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, x.shape[1], blocksize, w_dtype)
     keep = _keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
     return reference.quantized_lora_linear_forward(x, w, bias, a_w, b_w, scale, keep, dropout_p, need_z)
 
 
 @quantized_lora_linear_op.register_fake
-def _(x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype, bias, a_w, b_w, scale,
+def _(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, bias, a_w, b_w, scale,
       dropout_p, seed, need_z, route):
     m, r = x.shape[0], a_w.shape[0]
     return x.new_empty((m, n)), x.new_empty((m, r) if need_z else (0,), dtype=acc_dtype(x.dtype))
@@ -172,24 +214,24 @@ def _(x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize
 @torch.library.custom_op("adaptkern::quantized_lora_linear_backward", mutates_args=())
 def quantized_lora_linear_backward_op(
     dy: Tensor, x: Tensor, qweight: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor], offset: Optional[Tensor], code: Tensor, n: int, blocksize: int,
+    nested_code: Optional[Tensor], offset: Optional[Tensor], pairs: Tensor, n: int, blocksize: int,
     w_dtype: torch.dtype, a_w: Tensor, b_w: Tensor, z: Tensor, scale: float, dropout_p: float,
     seed: Optional[Tensor], needs: list[bool],
 ) -> list[Tensor]:
     """Gradients of ``adaptkern::quantized_lora_linear`` for (x, bias, a_w, b_w), in x's dtype; an
     entry of ``needs`` that is False gets an empty tensor."""
     if use_triton(x):
-        grads = _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize,
+        grads = _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize,
                                  w_dtype, a_w, b_w, z, scale, dropout_p, seed, needs)
     else:
-        w = _dequantize(qweight, absmax, nested_absmax, nested_code, offset, code, n, x.shape[1], blocksize, w_dtype)
+        w = _dequantize(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, x.shape[1], blocksize, w_dtype)
         keep = _keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
         grads = reference.quantized_lora_linear_backward(dy, x, w, a_w, b_w, z, scale, keep, dropout_p, needs)
     return [g.to(x.dtype) if g is not None else x.new_empty(0) for g in grads]
 
 
 @quantized_lora_linear_backward_op.register_fake
-def _(dy, x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype, a_w, b_w, z, scale,
+def _(dy, x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, a_w, b_w, z, scale,
       dropout_p, seed, needs):
     m, k = x.shape
     r = a_w.shape[0]
@@ -203,15 +245,15 @@ _NUM_INPUTS = 18
 
 
 def _setup_context(ctx, inputs, output):
-    (x, qweight, absmax, nested_absmax, nested_code, offset, code, n, blocksize, w_dtype, bias, a_w, b_w, scale,
+    (x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, bias, a_w, b_w, scale,
      dropout_p, seed, need_z, route) = inputs
-    ctx.save_for_backward(x, qweight, absmax, nested_absmax, nested_code, offset, code, a_w, b_w, output[1], seed)
+    ctx.save_for_backward(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, a_w, b_w, output[1], seed)
     ctx.args = (n, blocksize, w_dtype, scale, dropout_p)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _dz):
-    x, qweight, absmax, nested_absmax, nested_code, offset, code, a_w, b_w, z, seed = ctx.saved_tensors
+    x, qweight, absmax, nested_absmax, nested_code, offset, pairs, a_w, b_w, z, seed = ctx.saved_tensors
     n, blocksize, w_dtype, scale, dropout_p = ctx.args
     needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUTS]
     needs[1] = needs[1] and ctx.has_bias
@@ -220,7 +262,7 @@ def _backward(ctx, dy, _dz):
         return tuple(out)
     if z.numel() == 0 and x.shape[0] > 0:
         raise RuntimeError("adaptkern::quantized_lora_linear was run with need_z=False; it cannot be differentiated")
-    grads = quantized_lora_linear_backward_op(dy, x, qweight, absmax, nested_absmax, nested_code, offset, code, n,
+    grads = quantized_lora_linear_backward_op(dy, x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n,
                                               blocksize, w_dtype, a_w, b_w, z, scale, dropout_p, seed, needs)
     for i, g, need in zip(_GRAD_INPUTS, grads, needs):
         out[i] = g if need else None

@@ -50,6 +50,17 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
     raise ValueError(f"unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
 
 
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """Semantics: the code table by byte, float32 [256, 2]: pairs[b] = (code[b >> 4], code[b & 15]),
+    the values of byte b's two elements (high nibble first). Shapes: code [16] -> [256, 2]."""
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), 1)
+
+
+def code_of_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """The 16-entry table back from :func:`code_pairs`: code[j] = pairs[j, 1] (byte j, low nibble)."""
+    return pairs[:16, 1]
+
+
 def dequantize_absmax(absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
     """Semantics: the float32 block scales [B]: ``absmax`` itself, or (nested: uint8 ``absmax``)
     fl32(fl32(nested_code[absmax] · nested_absmax[b // 256]) + offset).
