@@ -1,6 +1,6 @@
 """The ``adaptkern`` command (also ``python -m adaptkern``): ``bench``, ``check``, ``info``.
 
-    adaptkern bench [--suite core|mixed|all] [--quick] [--out DIR] ...   check, then time; table, results file, plot
+    adaptkern bench [--suite SUITE|all] [--quick] [--out DIR] ...   check, then time; table, results file, plot
     adaptkern check                                                      correctness sweep against float64
     adaptkern info                                                       versions, device, what the fused ops run
     adaptkern --version
@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 from adaptkern import __version__
 
 EXIT_USAGE = 2
+# adaptkern.bench.cases.SUITES (listed here so that building the parser imports no harness)
+SUITES = ("core", "mixed", "qlora", "dora", "bottleneck_norm", "serving")
 
 
 def cmd_info(args) -> int:
@@ -76,21 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="check the fused ops, then time them against their baselines",
         description="For every case: check the fused op against float64 (a failing op is never timed and the "
-                    "exit status is 1), then time fused, eager (plain PyTorch ops), peft (the real peft LoRA "
-                    "layer), compiled_eager (torch.compile of eager) and base_linear (F.linear alone). Prints a "
-                    "table and writes <out>/<gpu>.json and <out>/<gpu>.png. On a GPU: triton.testing.do_bench. "
-                    "Without one: tiny shapes, a smoke test of the harness, not a measurement. "
-                    "Definitions: benchmarks/README.md.")
-    b.add_argument("--suite", choices=("core", "mixed", "all"), default="core",
+                    "exit status is 1), then time fused, eager (plain PyTorch ops), peft (the real peft layer), "
+                    "compiled_eager (torch.compile of eager), base_linear (F.linear alone) and each suite's own "
+                    "baselines. Prints a table and writes <out>/<gpu>.json and <out>/<gpu>.png. On a GPU: "
+                    "triton.testing.do_bench. Without one: tiny shapes, a smoke test of the harness, not a "
+                    "measurement. Definitions: benchmarks/README.md.")
+    b.add_argument("--suite", choices=(*SUITES, "all"), default="all",
                    help="core: one adapter per layer (LoRA, bottlenecks; forward and forward+backward); mixed: "
-                        "every row its own LoRA adapter (forward); all: both (default: core)")
-    b.add_argument("--quick", action="store_true", help="one representative case per op (CI's job)")
+                        "every row its own LoRA adapter (forward); qlora: LoRA on a bitsandbytes NF4 weight "
+                        "(training, decode); dora: DoRA training; bottleneck_norm: bottlenecks fused with the dense "
+                        "and the norm; serving: q/k/v mixed LoRA and the delta ops; all: every suite (default)")
+    b.add_argument("--quick", action="store_true", help="the representative cases of each suite (CI's job)")
     b.add_argument("--out", default="bench-out", help="directory for <gpu>.json and <gpu>.png (default: bench-out)")
     b.add_argument("--filter", default=None,
                    help="only cases whose id contains every comma-separated part, e.g. 'lora,M8192' (a filter "
                         "that matches nothing is an error)")
     b.add_argument("--impls", default=None,
-                   help="comma-separated subset of fused,eager,peft,compiled_eager,base_linear")
+                   help="comma-separated subset of fused,eager,peft,fuse_peft,compiled_eager,base_linear,dequant,lora,"
+                        "vllm,delta,two_launch,graph_replay")
     b.add_argument("--modes", default=None, help="comma-separated subset of forward,forward_backward")
     b.add_argument("--rep-ms", type=float, default=100.0, help="GPU time spent in timed repetitions per measurement")
     b.add_argument("--cuda-graph", action="store_true",

@@ -64,23 +64,33 @@ TARGETS = (
      ("fused/F.linear", "eager/fused")),
     ("mixed M=256, 128 adapters", dict(suite="mixed", M=256, num_adapters=128, mode="forward"),
      ("fused/F.linear", "eager/fused")),
+    ("QLoRA NF4 r=16 M=8192 fwd+bwd", dict(suite="qlora", M=8192, variant="train", mode="forward_backward"),
+     ("peft/fused", "dequant/fused", "fused/F.linear")),
+    ("QLoRA NF4 decode M=16 (goal: below bf16 F.linear)", dict(suite="qlora", M=16, variant="decode", mode="forward"),
+     ("fused/F.linear", "peft/fused", "dequant/fused")),
+    ("DoRA r=16 M=8192 fwd+bwd (goal: fused/LoRA <= 1.1)", dict(suite="dora", M=8192, mode="forward_backward"),
+     ("fused/lora", "peft/fused", "fused/F.linear")),
+    ("norm-fused seq_bn BERT M=8192 fwd+bwd", dict(suite="bottleneck_norm", kind="norm_seq_bn", variant="bert",
+                                                 M=8192, K=4096, N=1024, mode="forward_backward"),
+     ("eager/fused", "fused/F.linear")),
+    ("norm-fused seq_bn BERT M=8192 forward", dict(suite="bottleneck_norm", kind="norm_seq_bn", variant="bert",
+                                                 M=8192, K=4096, N=1024, mode="forward"),
+     ("eager/fused", "fused/F.linear")),
+    ("q/k/v decode M=64, 32 adapters", dict(suite="serving", kind="qkv", M=64, num_adapters=32, N=6144,
+                                            mode="forward"),
+     ("fused/F.linear", "vllm/fused", "delta/fused", "graph_replay/fused")),
 )
 
 
 def _rows(data: dict, sel: dict) -> dict:
-    """{impl: row} of the rows matching ``sel`` (bf16 and K=N=4096, the targets' shapes)."""
-    out = {}
-    for r in data.get("rows", []):
-        if r.get("dtype") != "bfloat16" or r.get("K") != 4096 or r.get("N") != 4096:
-            continue
-        if all(r.get(k) == v for k, v in sel.items()):
-            out[r["impl"]] = r
-    return out
+    """{impl: row} of the rows matching ``sel`` (bf16 and K=N=4096 unless ``sel`` says otherwise)."""
+    want = {"dtype": "bfloat16", "K": 4096, "N": 4096, **sel}
+    return {r["impl"]: r for r in data.get("rows", []) if all(r.get(k) == v for k, v in want.items())}
 
 
 def _ratio(impls: dict, key: str) -> Optional[float]:
     a, b = key.split("/")
-    name = {"F.linear": "base_linear"}
+    name = {"F.linear": "base_linear"}  # the other names are the impls' own
     ra, rb = impls.get(name.get(a, a)), impls.get(name.get(b, b))
     if not ra or not rb or not rb.get("median_ms"):
         return None

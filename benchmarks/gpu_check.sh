@@ -17,27 +17,30 @@
 #
 # Steps, in the order they run, with the budget (the step's timeout) and the GPU estimate:
 #   env                 15 s /   5 s  adaptkern info, torch/triton versions, nvidia-smi
-#   bench              200 s / 100 s  adaptkern bench --suite all --quick (fused, eager, peft,
-#                                     F.linear): LoRA r=16 and sequential bottleneck R=256 at M=8192
+#   bench              250 s / 170 s  adaptkern bench --suite all --quick (every suite's baselines but
+#                                     torch.compile): LoRA r=16 and sequential bottleneck R=256 at M=8192
 #                                     fwd and fwd+bwd; mixed decode M=64 S=32, M=256 S=1 and S=128,
-#                                     prefill M=8192 S=8; bf16 matmul and copy ceilings first.
-#                                     Cost: ~6 s of ceilings, ~20 Triton compiles (~1.5 s each),
-#                                     6 float64 checks, ~25 timed impl x mode rows (~1 s each:
-#                                     warm-up, L2 flushes, repetitions, peak memory)
+#                                     prefill M=8192 S=8; QLoRA NF4 M=8192 fwd+bwd and decode M=16;
+#                                     DoRA M=8192 fwd+bwd; norm-fused seq_bn (BERT) M=8192 fwd and
+#                                     fwd+bwd; q/k/v decode M=64 S=32 with the CUDA-graph replay;
+#                                     bf16 matmul and copy ceilings first. Cost: ~6 s of ceilings,
+#                                     ~45 Triton compiles (~1.5 s each), 11 float64 checks, ~60 timed
+#                                     impl x mode rows (~1 s each: warm-up, L2 flushes, repetitions,
+#                                     peak memory), ~10 s importing peft and bitsandbytes
 #   bench-graph         90 s /  35 s  the mixed quick cases as CUDA-graph replays (decode targets)
 #   results             20 s /   3 s  results JSONs -> $OUT/benchmarks/results/, targets.md
 #   kernel-report-cpu  150 s /  40 s  benchmarks/kernel_report.py (compiled offline for sm_90a, no
 #                                     GPU used) for the 11 bf16 scenarios gpu_check.py reproduces, one
 #                                     process per scenario in parallel (gpu_check.py cpu-report); in
 #                                     the background, beside gpu-tests (CPU cores only)
-#   gpu-tests          210 s / 130 s  pytest -m gpu tests (128 today) without the interpreter: kernels at GPU
+#   gpu-tests          210 s / 130 s  pytest -m gpu tests (every op's, the new ones included) without the interpreter: kernels at GPU
 #                                     shapes, CUDA-graph replay with a new mapping, the native CUDA op
 #                                     (its nvcc build ~40 s of it); per-test timeout 150 s
 #   kernel-report-gpu  100 s /  40 s  gpu_check.py compiled: the report's scenarios run on the GPU
 #                                     through the public API; registers, local memory, shared memory,
 #                                     occupancy read from the driver, MMA kind from the loaded cubin,
 #                                     each compared with the CPU report's row
-# Estimated total on an H200: ~5 min. The whole run also stops at --budget (default 450 s):
+# Estimated total on an H200: ~6.5 min. The whole run also stops at --budget (default 450 s):
 # a step gets min(its budget, time left); a step with under 20 s left is skipped ("out of time").
 # Order: timings first, on a quiet machine (nothing else runs beside them), so the results file
 # exists even if a later step hangs; the CPU-only report overlaps the GPU tests.
@@ -246,8 +249,9 @@ step env 15 5 0 "" -- bash -c env_step
     env TRITON_CACHE_DIR="$WORK/triton-cache" "$PY" benchmarks/gpu_check.py cpu-report \
     --json "$WORK/kernel-report-cpu.json" --scenarios "$SCENARIOS" --report-args="$REPORT_ARGS"
 
-step bench 200 100 0 "" -- \
-    "$PY" -m adaptkern bench --suite all --quick --impls fused,eager,peft,base_linear --out "$WORK/bench"
+step bench 250 170 0 "" -- \
+    "$PY" -m adaptkern bench --suite all --quick \
+    --impls fused,eager,peft,base_linear,dequant,lora,vllm,delta,graph_replay --out "$WORK/bench"
 step bench-graph 90 35 1 "decode targets as CUDA-graph replays" -- \
     "$PY" -m adaptkern bench --suite mixed --quick --impls fused,eager,base_linear --cuda-graph --out "$WORK/bench-graph"
 step results 20 3 0 "" -- \

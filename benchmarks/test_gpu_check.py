@@ -182,3 +182,34 @@ def test_results_copies_gpu_files_where_they_are_committed(tmp_path):
     assert (out / "benchmarks" / "results" / "h200-cudagraph.json").is_file()
     assert (out / "targets.md").is_file()
     assert status == 1  # most targets have no row in this made-up file
+
+
+def test_bench_step_times_every_suite_headline_row():
+    """The bench step's --impls are impls the harness knows, and every target selects a case of
+    ``--suite all --quick`` (so a GPU run has a row for each)."""
+    import re
+
+    from adaptkern.bench import cases, impls
+
+    text = SCRIPT.read_text()
+    names = re.search(r"bench --suite all --quick \\\n\s+--impls (\S+)", text).group(1).split(",")
+    assert set(names) <= set(impls.IMPLS) and "graph_replay" in names and "dequant" in names
+    quick = cases.select("all", quick=True)
+    for title, sel, shown in gpu_check.TARGETS:
+        want = {"dtype": "bfloat16", "K": 4096, "N": 4096, **{k: v for k, v in sel.items() if k != "mode"}}
+        hits = [c for c in quick if all(c.fields().get(k) == v for k, v in want.items()) and sel["mode"] in c.modes]
+        assert hits, title
+        for key in shown:
+            assert all(p in (*names, "F.linear") for p in key.split("/")), (title, key)
+    assert {s for c in quick for s in [c.suite]} == set(cases.SUITES)
+
+
+def test_targets_table_reads_the_new_suites_rows():
+    rows = [_row("fused", 4.0, suite="qlora", kind="qlora", variant="train"), _row("peft", 6.0, suite="qlora",
+                                                                                 kind="qlora", variant="train"),
+            _row("fused", 0.05, suite="serving", kind="qkv", M=64, N=6144, num_adapters=32, mode="forward"),
+            _row("vllm", 0.5, suite="serving", kind="qkv", M=64, N=6144, num_adapters=32, mode="forward")]
+    text, missing = gpu_check.targets_table({"eager": _results("cuda", rows), "graph": None})
+    assert "| QLoRA NF4 r=16 M=8192 fwd+bwd | do_bench, L2 cleared | 4.0000 | peft/fused 1.50x |" in text
+    assert "vllm/fused 10.00x" in text
+    assert "DoRA r=16 M=8192 fwd+bwd (goal: fused/LoRA <= 1.1)" in missing

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from adaptkern.bench import cases, plot, report, timing
+from adaptkern.bench import cases, impls, plot, report, timing
 
 
 def test_cases():
@@ -22,8 +22,8 @@ def test_cases():
     assert len({c.id for c in core + mixed}) == len(core + mixed)
     ids = cases.uniform_adapter_ids(70, 8)
     assert ids.dtype == torch.int32 and sorted(torch.bincount(ids).tolist()) == [8] * 2 + [9] * 6
-    assert cases.select("all", filter="lora,M8192,r16") == [c for c in core + mixed
-                                                            if c.kind == "lora" and c.M == 8192 and c.rank == 16]
+    wanted = [c for c in core + mixed if c.kind == "lora" and c.M == 8192 and c.rank == 16]
+    assert [c for c in cases.select("all", filter="lora,M8192,r16") if c.suite in ("core", "mixed")] == wanted
     assert cases.select("all", filter="nope") == []
 
 
@@ -142,3 +142,179 @@ def test_fuse_peft_impl_is_the_peft_layer_on_the_fused_kernels(mode):
                              (fused,) if mode == "forward" else fused, (peft32,) if mode == "forward" else peft32,
                              (peft64,) if mode == "forward" else peft64):
         assert_close(name, r, o, e)
+
+
+# -- the suites of the newer ops (qlora, dora, bottleneck_norm, serving) ----------------------------------
+
+
+def test_new_suites_cases_are_the_requested_shapes():
+    sel = {s: cases.suite_cases(s) for s in cases.SUITE_MODULES}
+    q = sel["qlora"]
+    train = {(c.M, c.K, c.N) for c in q if c.variant == "train"}
+    assert train == {(m, k, n) for m in (2048, 8192) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096))}
+    assert {(c.M, c.K, c.N) for c in q if c.variant == "decode"} == {(m, k, n) for m in (1, 4, 16, 64)
+                                                                       for k, n in ((4096, 4096), (4096, 14336))}
+    assert {c.rank for c in q} == {16} and all(c.modes == (("forward_backward",) if c.variant == "train"
+                                                           else ("forward",)) for c in q)
+    assert {(c.M, c.K, c.N, c.rank) for c in sel["dora"]} == {(2048, 4096, 4096, 16), (8192, 4096, 4096, 16)}
+    bn = {(c.kind, c.variant, c.M, c.K, c.N, c.rank, c.activation) for c in sel["bottleneck_norm"]}
+    assert bn == {(k, "bert", 8192, 4096, 1024, 64, "relu") for k in ("norm_seq_bn", "norm_par_bn")} | \
+                 {(k, "llama", 8192, 14336, 4096, 256, "relu") for k in ("norm_seq_bn", "norm_par_bn")}
+    qkv = {(c.M, c.num_adapters) for c in sel["serving"] if c.kind == "qkv"}
+    assert qkv == {(64, 32), (8192, 32), (64, 1), (64, 128), (8192, 1), (8192, 128)}
+    assert {c.M for c in sel["serving"] if c.kind == "lora_delta"} == {1, 16, 64}
+    assert all(c.K == 4096 and c.N == 6144 for c in sel["serving"])
+    every = cases.select("all") + cases.select("all", gpu=False)
+    assert len({c.id for c in every}) == len(every)
+    assert "qlora-M8192-K4096-N4096-r16-train-bf16" in {c.id for c in q}
+    # --quick keeps the representative rows of every suite (the GPU check's headline rows)
+    quick = {c.id for c in cases.select("all", quick=True)}
+    assert {"qlora-M8192-K4096-N4096-r16-train-bf16", "qlora-M16-K4096-N4096-r16-decode-bf16",
+            "dora-M8192-K4096-N4096-r16-bf16", "norm_seq_bn-M8192-K4096-N1024-r64-relu-bert-bf16",
+            "qkv-M64-K4096-N6144-r16-S32-bf16"} <= quick
+    assert {c.suite for c in cases.select("all", quick=True, gpu=False)} == set(cases.SUITES)
+
+
+@pytest.mark.parametrize("suite", list(cases.SUITE_MODULES))
+def test_new_suite_smoke_checks_and_times_every_case(suite, tmp_path):
+    """Every CPU smoke case of the suite: inputs built, every adaptkern implementation checked against
+    float64 (the fused kernels run in the interpreter here), every applicable implementation timed."""
+    from adaptkern.bench.impls import peft_available
+    from adaptkern.bench.run import run_bench
+
+    if cases.requirement(suite):
+        pytest.skip(cases.requirement(suite))
+    logs = []
+    assert run_bench(suite, out=str(tmp_path), plot=False, log=logs.append, show=lambda s: None) == 0, logs
+    data = report.load(next(tmp_path.glob("*.json")))
+    assert data["failures"] == []
+    todo = cases.suite_cases(suite, gpu=False)
+    assert sum("check: ok" in line for line in logs) == len(todo)
+    timed = {(r["kind"], r["M"], r["variant"], r["num_adapters"], r["impl"], r["mode"]) for r in data["rows"]}
+    for c in todo:
+        for impl in impls.for_case(c):
+            if impl == "graph_replay" or (impl == "peft" and not peft_available()):
+                continue  # a CUDA graph needs a GPU
+            for mode in c.modes:
+                assert (c.kind, c.M, c.variant, c.num_adapters, impl, mode) in timed, (c.id, impl, mode)
+    assert all(r["median_ms"] > 0 for r in data["rows"])
+
+
+def _wrong(monkeypatch, module, name):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: real(*a, **k) * 1.1)  # 10 %: past any bf16 bound
+
+
+@pytest.mark.parametrize("suite, names", [("qlora", ("qlora_linear",)), ("dora", ("dora_linear",)),
+                                          ("bottleneck_norm", ("bottleneck_norm",)),
+                                          ("serving", ("mixed_lora_linear", "add_lora_delta"))])
+def test_a_wrong_fused_op_fails_the_new_suites_check(suite, names, monkeypatch):
+    from adaptkern.bench.check import check_case
+
+    if cases.requirement(suite):
+        pytest.skip(cases.requirement(suite))
+    module = cases.SUITE_MODULES[suite]
+    case = cases.suite_cases(suite, quick=True, gpu=False)[0]
+    inp = cases.make_inputs(case, "cpu")
+    assert check_case(case, inp).ok
+    for name in names:
+        _wrong(monkeypatch, module, name)
+    res = check_case(case, inp)
+    assert not res.ok and "max error" in res.failures()
+
+
+def test_qlora_peft_impl_is_peft_on_bitsandbytes_linear4bit():
+    """The ``peft`` column of the qlora suite is PEFT's bitsandbytes LoRA layer (matmul_4bit), and it computes
+    the QLoRA layer: against the float64 oracle, with the dequant baseline as the eager error."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from adaptkern.bench.suites import qlora
+    from adaptkern.ops.quantized_lora_linear.reference import quantized_lora_linear_ref
+    from adaptkern.testing import assert_close
+
+    case = qlora.cases(gpu=False)[0]
+    inp = qlora.make_inputs(case, "cpu")
+    layer = qlora.make_peft_qlora(inp, case.scale)
+    assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer).__name__ == "Linear4bit"
+    with torch.no_grad():
+        y = layer(inp.x)
+        y_dq = quantized_lora_linear_ref(inp.x, inp.w16, None, inp.lora_a, inp.lora_b, case.scale)
+        oracle = quantized_lora_linear_ref(inp.x.double(), inp.w16.double(), None, inp.lora_a.double(),
+                                           inp.lora_b.double(), case.scale)
+    assert_close("peft y", oracle, y, y_dq)
+
+
+def test_dora_peft_impl_is_peft_dora_layer():
+    peft = pytest.importorskip("peft")
+    from adaptkern.bench.suites import dora
+    from adaptkern.ops.dora_linear.reference import dora_linear_ref
+    from adaptkern.testing import assert_close
+
+    case = dora.cases(gpu=False)[0]
+    inp = dora.make_inputs(case, "cpu")
+    layer = dora.make_peft_dora(inp, case.scale)
+    assert isinstance(layer, peft.tuners.lora.layer.Linear) and layer.use_dora["default"]
+    args = [inp.x, inp.weight, None, inp.lora_a, inp.lora_b, inp.magnitude]
+    with torch.no_grad():
+        y = layer(inp.x)
+        oracle = dora_linear_ref(*[None if t is None else t.double() for t in args], case.scale)
+        eager = dora_linear_ref(*args, case.scale)
+    assert_close("peft y", oracle, y, eager)
+
+
+def test_vllm_eager_baseline_is_the_lora_delta():
+    """The serving suite's ``vllm`` baseline adds exactly the LoRA delta of every slice (rows with id -1
+    untouched), against ``add_lora_delta_ref`` in float64."""
+    from adaptkern.bench.suites import serving
+    from adaptkern.ops.lora_delta.reference import add_lora_delta_ref
+    from adaptkern.testing import assert_close
+
+    case = serving.cases(gpu=False)[1]
+    inp = serving.make_inputs(case, "cpu")
+    ids = inp.ids.clone()
+    ids[::3] = -1
+    y = serving.vllm_lora(inp.y.float().clone(), inp.x.float(), [a.float() for a in inp.lora_a],
+                          [b.float() for b in inp.lora_b], ids, inp.scales)
+    want = add_lora_delta_ref(inp.y.double(), inp.x.double(), [a.double() for a in inp.lora_a],
+                              [b.double() for b in inp.lora_b], inp.scales.double(), None, ids, 0)
+    assert_close("y", want, y)
+    assert torch.equal(y[::3], inp.y.float()[::3])
+
+
+def test_new_suites_work_models():
+    from adaptkern.bench.suites import serving
+
+    q = cases.Case("qlora", "qlora", 8, 128, 64, 4, variant="decode")
+    flops, nbytes = cases.work(q, "forward")
+    assert flops == 2 * 8 * 128 * 64 + 2 * 8 * 4 * (128 + 64)
+    assert nbytes == 2 * (8 * 128 + 4 * (128 + 64) + 8 * 64) + 128 * 64 / 2 + 128 * 64 / 64 + 4 * 128 * 64 / (64 * 256)
+    d = serving._case("lora_delta", 2, 32, 128, 8)
+    assert d.N == 192 and serving.slices(d) == (128, 32, 32)
+    flops, nbytes = cases.work(d, "forward")
+    assert flops == 2 * 2 * 8 * (3 * 128 + 192)  # two active adapters of 32
+    assert nbytes == 2 * (2 * 128 + 2 * 2 * 192) + 2 * 2 * 8 * (3 * 128 + 192) + 4 * 2
+
+
+def test_graph_replay_is_left_out_off_a_gpu():
+    from adaptkern.bench.suites import serving
+
+    case = serving.cases(gpu=False)[0]
+    inp = serving.make_inputs(case, "cpu")
+    with pytest.raises(impls.Unavailable, match="GPU"):
+        impls.build(case, "graph_replay", "forward", inp, torch.device("cpu"))
+    with pytest.raises(impls.Unavailable, match="not timed for qkv"):
+        impls.build(case, "two_launch", "forward", inp, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_graph_replay_with_a_changed_mapping_is_checked_on_a_gpu():
+    from adaptkern.bench.check import check_case
+    from adaptkern.bench.suites import serving
+
+    case = serving.cases(quick=True)[0]
+    inp = serving.make_inputs(case, torch.device("cuda"))
+    res = check_case(case, inp)
+    assert res.ok, res.failures()
+    assert any(c.name.startswith("y (graph replay") for c in res.comparisons)
+    fn = impls.build(case, "graph_replay", "forward", inp, torch.device("cuda"))
+    assert fn().shape == (case.M, case.N)

@@ -56,7 +56,11 @@ def test_bench_quick_writes_results_and_says_what_it_is(tmp_path):
     assert {r["mode"] for r in data["rows"]} == {"forward", "forward_backward"}
     assert "check: ok" in proc.stderr and "case id: <kind>-M<rows>" in proc.stdout
     assert "benchmarks/README.md" in proc.stdout
-    if not CUDA:
+    if not CUDA:  # every suite by default, the peft column beside fused_peft when peft is here
+        assert {r["suite"] for r in data["rows"]} == {s for s in cases.SUITES if not cases.requirement(s)}
+        assert {"fuse_peft", "peft"} <= {r["impl"] for r in data["rows"]} or not impls.peft_available()
+        assert "fuse_peft" in {r["impl"] for r in data["rows"] if r["suite"] == "core"} or not impls.peft_available()
+        assert "peft+fuse ms" in proc.stdout or not impls.peft_available()
         assert data["env"]["gpu"] == "cpu" and data["ceilings"] is None
         assert "torch.utils.benchmark" in data["env"]["method"]
         assert proc.stdout.count(report.CPU_CAVEAT) >= 2  # in the header and under the table
@@ -131,6 +135,31 @@ def test_filter_that_matches_nothing_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "matches none of the" in err and "ids look like" in err
     assert not list(tmp_path.iterdir())  # nothing ran, nothing was written
+
+
+def test_filter_that_matches_nothing_in_a_new_suite_is_an_error(tmp_path, capsys):
+    assert cli.main(["bench", "--suite", "serving", "--filter", "qlora", "--out", str(tmp_path)]) == 2
+    assert "matches none of the" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_cli_lists_every_suite():
+    assert cli.SUITES == cases.SUITES
+    assert cli.build_parser().parse_args(["bench"]).suite == "all"
+
+
+def test_a_suite_whose_package_is_missing_is_left_out_with_a_reason(tmp_path, monkeypatch):
+    from adaptkern.bench.suites import qlora
+
+    monkeypatch.setattr(qlora, "requirement", lambda: "bitsandbytes is not importable (test)")
+    with pytest.raises(UsageError, match="suite qlora left out: bitsandbytes is not importable"):
+        run_bench("qlora", quick=True, out=str(tmp_path), log=lambda s: None, show=lambda s: None)
+    logs = []
+    run_bench("all", out=str(tmp_path), filter="M4-", impl_names=("base_linear",), plot=False, log=logs.append,
+              show=lambda s: None)
+    assert "suite qlora left out: bitsandbytes is not importable (test)" in logs
+    ran = [line for line in logs if line.startswith("[")]
+    assert ran and not any("qlora-" in line for line in ran)
+    assert any("-S1-" in line for line in ran) and any("lora_delta-M4-" in line for line in ran)
 
 
 def test_bad_arguments_are_refused(capsys):

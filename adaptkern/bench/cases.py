@@ -14,28 +14,33 @@ Mixed suite (every row may use a different LoRA adapter, forward only):
     gets M/S rows (±1) in random order, so a batch holds exactly S distinct adapters
     (cases with S > M cannot, and are left out).
 
-``quick`` keeps one representative case per op (see :func:`core_cases`, :func:`mixed_cases`).
-Off a GPU, tiny shapes replace all of them: a smoke test of the harness, not a measurement.
+The suites of the newer ops live in :mod:`adaptkern.bench.suites` (one module each: ``qlora``,
+``dora``, ``bottleneck_norm``, ``serving``; their shapes are in their docstrings); this module
+is where all of them are listed (:data:`SUITES`), selected and dispatched.
 
-A case id reads ``<kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-S<adapters>]-<dtype>``.
+``quick`` keeps the representative cases of each suite (see :func:`core_cases`, :func:`mixed_cases`
+and each suite's ``cases``). Off a GPU, tiny shapes replace all of them: a smoke test of the
+harness, not a measurement.
+
+A case id reads ``<kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-<variant>][-S<adapters>]-<dtype>``
+(:class:`~adaptkern.bench.base.Case`).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-KINDS = ("lora", "bottleneck_sequential", "bottleneck_parallel")
-MODES = ("forward", "forward_backward")
-SUITES = ("core", "mixed")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+from .base import BOTTLENECK_SCALE, DTYPES, LORA_SCALE, MODES, Case, randn  # noqa: F401 - the harness reads them here
+from .suites import bottleneck_norm, dora, qlora, serving
 
-LORA_SCALE = 2.0  # alpha = 2r, a common LoRA setting
-BOTTLENECK_SCALE = 1.0
+SUITE_MODULES = {m.NAME: m for m in (qlora, dora, bottleneck_norm, serving)}
+SUITES = ("core", "mixed", *SUITE_MODULES)
+KINDS = ("lora", "bottleneck_sequential", "bottleneck_parallel", *(k for m in SUITE_MODULES.values() for k in m.KINDS))
+
 CORE_M = (2048, 8192)
 CORE_KN = ((4096, 4096), (4096, 14336))
 CORE_LORA_R = (8, 16, 64)
@@ -45,53 +50,6 @@ MIXED_PREFILL_M = (2048, 8192)
 MIXED_ADAPTERS = (1, 8, 32, 128)
 MIXED_R = (8, 16, 64)
 MIXED_KN = 4096
-
-
-@dataclass(frozen=True)
-class Case:
-    """One problem. ``rank`` is r (LoRA) or the bottleneck size R; ``num_adapters`` the
-    number of distinct adapters in the batch (1 outside the mixed suite)."""
-
-    suite: str
-    kind: str
-    M: int
-    K: int
-    N: int
-    rank: int
-    num_adapters: int = 1
-    activation: str = "identity"
-    dtype: str = "bfloat16"
-
-    @property
-    def id(self) -> str:
-        parts = [self.kind, f"M{self.M}", f"K{self.K}", f"N{self.N}", f"r{self.rank}"]
-        if self.kind != "lora":
-            parts.append(self.activation)
-        if self.suite == "mixed":
-            parts.append(f"S{self.num_adapters}")
-        parts.append(_SHORT.get(self.dtype, self.dtype))
-        return "-".join(parts)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def placement(self) -> Optional[str]:
-        """"sequential" or "parallel" for a bottleneck, None for LoRA."""
-        return self.kind.split("_", 1)[1] if self.kind.startswith("bottleneck_") else None
-
-    @property
-    def scale(self) -> float:
-        return LORA_SCALE if self.kind == "lora" else BOTTLENECK_SCALE
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("forward",) if self.suite == "mixed" else MODES
-
-    def fields(self) -> dict:
-        """The fields of a results row that describe the case."""
-        return asdict(self)
 
 
 def _core(m, k, n) -> list[Case]:
@@ -130,13 +88,26 @@ def mixed_cases(*, quick: bool = False, gpu: bool = True) -> list[Case]:
             for m in MIXED_DECODE_M + MIXED_PREFILL_M for s in MIXED_ADAPTERS for r in MIXED_R if s <= m]
 
 
+def suite_cases(suite: str, *, quick: bool = False, gpu: bool = True) -> list[Case]:
+    """The cases of one suite (see :data:`SUITES`)."""
+    if suite == "core":
+        return core_cases(quick=quick, gpu=gpu)
+    if suite == "mixed":
+        return mixed_cases(quick=quick, gpu=gpu)
+    return SUITE_MODULES[suite].cases(quick=quick, gpu=gpu)
+
+
+def requirement(suite: str) -> Optional[str]:
+    """None when ``suite`` can run here, else why not (a package it needs is not importable)."""
+    return SUITE_MODULES[suite].requirement() if suite in SUITE_MODULES else None
+
+
 def select(suite: str, *, quick: bool = False, gpu: bool = True, filter: Optional[str] = None) -> list[Case]:
-    """Cases of ``suite`` ("core", "mixed" or "all"); with ``filter``, only those whose id
+    """Cases of ``suite`` (one of :data:`SUITES`, or "all"); with ``filter``, only those whose id
     contains every comma-separated part of it (may be empty: the caller decides)."""
     if suite not in (*SUITES, "all"):
         raise ValueError(f"suite must be one of {SUITES + ('all',)}, got {suite!r}")
-    cases = core_cases(quick=quick, gpu=gpu) if suite in ("core", "all") else []
-    cases += mixed_cases(quick=quick, gpu=gpu) if suite in ("mixed", "all") else []
+    cases = [c for name in (SUITES if suite == "all" else (suite,)) for c in suite_cases(name, quick=quick, gpu=gpu)]
     needles = [f.strip() for f in (filter or "").split(",") if f.strip()]
     return [c for c in cases if all(n in c.id for n in needles)]
 
@@ -208,24 +179,20 @@ class MixedInputs:
     groups: list
 
 
-def _randn(shape, std, dtype, device, gen):
-    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
-
-
 def make_core_inputs(case: Case, device, seed: int = 0) -> CoreInputs:
     """Inputs with the magnitudes of a trained layer (outputs O(1), B non-zero so the adapter counts)."""
     g = torch.Generator(device=device).manual_seed(seed)
     dt, m, k, n, r = case.torch_dtype, case.M, case.K, case.N, case.rank
-    x = _randn((m, k), 1.0, dt, device, g)
-    weight = _randn((n, k), k**-0.5, dt, device, g)
+    x = randn((m, k), 1.0, dt, device, g)
+    weight = randn((n, k), k**-0.5, dt, device, g)
     if case.kind == "lora":
-        down_w, down_b = _randn((r, k), k**-0.5, dt, device, g), None
-        up_w, up_b = _randn((n, r), r**-0.5, dt, device, g), None
+        down_w, down_b = randn((r, k), k**-0.5, dt, device, g), None
+        up_w, up_b = randn((n, r), r**-0.5, dt, device, g), None
     else:
         reads = n if case.placement == "sequential" else k
-        down_w, down_b = _randn((r, reads), reads**-0.5, dt, device, g), _randn((r,), 0.5, dt, device, g)
-        up_w, up_b = _randn((n, r), r**-0.5, dt, device, g), _randn((n,), 0.5, dt, device, g)
-    dy = _randn((m, n), 1.0, dt, device, g)
+        down_w, down_b = randn((r, reads), reads**-0.5, dt, device, g), randn((r,), 0.5, dt, device, g)
+        up_w, up_b = randn((n, r), r**-0.5, dt, device, g), randn((n,), 0.5, dt, device, g)
+    dy = randn((m, n), 1.0, dt, device, g)
     for t in (x, down_w, down_b, up_w, up_b):
         if t is not None:
             t.requires_grad_(True)
@@ -249,10 +216,10 @@ def make_mixed_inputs(case: Case, device, seed: int = 0, base_every: int = 0) ->
     """Inputs of a mixed case; ``base_every`` > 0 sets every base_every-th row's id to -1."""
     g = torch.Generator(device=device).manual_seed(seed)
     dt, m, k, n, r, s = case.torch_dtype, case.M, case.K, case.N, case.rank, case.num_adapters
-    x = _randn((m, k), 1.0, dt, device, g)
-    weight = _randn((n, k), k**-0.5, dt, device, g)
-    lora_a = _randn((s, r, k), k**-0.5, dt, device, g)
-    lora_b = _randn((s, n, r), r**-0.5, dt, device, g)
+    x = randn((m, k), 1.0, dt, device, g)
+    weight = randn((n, k), k**-0.5, dt, device, g)
+    lora_a = randn((s, r, k), k**-0.5, dt, device, g)
+    lora_b = randn((s, n, r), r**-0.5, dt, device, g)
     scales = torch.linspace(0.5, 2.0, s, dtype=torch.float32, device=device)
     ids = uniform_adapter_ids(m, s, seed)
     if base_every:
@@ -261,7 +228,10 @@ def make_mixed_inputs(case: Case, device, seed: int = 0, base_every: int = 0) ->
 
 
 def make_inputs(case: Case, device, seed: int = 0):
-    """:func:`make_mixed_inputs` or :func:`make_core_inputs`, by the case's suite."""
+    """The inputs of ``case``: :func:`make_mixed_inputs`, :func:`make_core_inputs` (core and
+    ``adaptkern check``'s cases), or the suite module's ``make_inputs``."""
+    if case.suite in SUITE_MODULES:
+        return SUITE_MODULES[case.suite].make_inputs(case, device, seed)
     return make_mixed_inputs(case, device, seed) if case.suite == "mixed" else make_core_inputs(case, device, seed)
 
 
@@ -275,8 +245,10 @@ def work(case: Case, mode: str) -> tuple[float, float]:
     bottleneck); bytes = read x, W, the adapter, write y. forward_backward adds the
     frozen base's dX = dY·W (2MKN) and the adapter's four backward products (4MR(K_d + N));
     its bytes add read dY, x, W, the adapter, write dX and the adapter's gradients.
-    Mixed: the S adapters' weights are read once each.
+    Mixed: the S adapters' weights are read once each. The other suites: their module's ``work``.
     """
+    if case.suite in SUITE_MODULES:
+        return SUITE_MODULES[case.suite].work(case, mode)
     e = torch.tensor([], dtype=case.torch_dtype).element_size()
     m, k, n, r = case.M, case.K, case.N, case.rank
     if case.suite == "mixed":

@@ -48,13 +48,18 @@ class CheckResult:
         return self.error or "\n".join(str(c) for c in self.comparisons if not c.ok)
 
 
-def check_case(case: Case, inp, *, route: str = "auto", grads: bool = True) -> CheckResult:
-    """Compare the fused op with float64 on ``inp``: the output, with ``grads`` every gradient
-    (x and the adapter's parameters), and for single-adapter cases the no-grad inference path.
-    A fused op that raises is a failed check (the error is kept)."""
+def check_case(case: Case, inp, *, route: str = "auto", grads: Optional[bool] = None) -> CheckResult:
+    """Compare the fused op with float64 on ``inp``: the output, with ``grads`` (default: when the
+    case times forward_backward) every gradient (x and the adapter's parameters), and for
+    single-adapter cases the no-grad inference path; the other suites' ``check`` compares every
+    adaptkern implementation of the case. A fused op that raises is a failed check (the error is
+    kept)."""
     res = CheckResult(case)
+    grads = "forward_backward" in case.modes if grads is None else grads
     try:
-        if case.suite == "mixed":
+        if case.suite in cases.SUITE_MODULES:
+            res.comparisons = cases.SUITE_MODULES[case.suite].check(case, inp, grads)
+        elif case.suite == "mixed":
             res.comparisons = _check_mixed(inp, grads)
         else:
             res.comparisons = _check_core(case, inp, route, grads)
@@ -140,10 +145,10 @@ def run_check(*, log: Callable[[str], None] = lambda s: print(s, flush=True)) ->
         mixed = case.suite == "mixed"
         for route in ("auto",) if mixed else routes:
             if mixed:
-                res, label = check_case(case, cases.make_mixed_inputs(case, device, 1, base_every=5)), case.id
-                label += " (-1 every 5th row)"
+                inp = cases.make_mixed_inputs(case, device, 1, base_every=5)
+                res, label = check_case(case, inp, grads=True), f"{case.id} (-1 every 5th row)"
             else:
-                res, label = check_case(case, cases.make_core_inputs(case, device, 1), route=route), case.id
+                res, label = check_case(case, cases.make_core_inputs(case, device, 1), route=route, grads=True), case.id
                 label += f" route={route}"
             total += 1
             log(f"{'PASS' if res.ok else 'FAIL'}  {label}: {res.summary()}")

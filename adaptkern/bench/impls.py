@@ -18,6 +18,13 @@ Implementations (``impl`` in the results file):
                      Core suite only; left out on a CPU (inductor's C++ build takes ~20 s a shape).
 * ``base_linear``    the frozen ``F.linear`` alone: the floor.
 
+The suites of :mod:`adaptkern.bench.suites` build their own (each module's docstring says what
+its columns are): ``dequant`` (QLoRA: bitsandbytes' dequantize, then the eager LoRA), ``lora``
+(DoRA's yardstick: adaptkern's LoRA at the same shape), ``vllm`` (vLLM's PyTorch LoRA ops),
+``delta`` (``F.linear`` then ``add_lora_delta``), ``two_launch`` (``lora_shrink`` then
+``lora_expand``), ``graph_replay`` (a CUDA graph replayed with a refilled ``SlotMapping``); there
+``peft`` is PEFT's QLoRA or DoRA layer and ``eager`` the op's reference composition.
+
 Modes: ``forward`` runs under ``torch.no_grad()`` (inference); ``forward_backward`` runs the
 forward with autograd and ``torch.autograd.grad`` of the output against ``dy`` with respect to
 x and the adapter's parameters (the frozen weight takes no gradient; ``base_linear``
@@ -36,14 +43,23 @@ import adaptkern
 from adaptkern.ops import common
 from adaptkern.ops.adapter_linear import reference
 
-from .cases import Case, CoreInputs, MixedInputs
+from .base import Unavailable, with_mode
+from .cases import SUITE_MODULES, Case, CoreInputs, MixedInputs
 
-IMPLS = ("fused", "eager", "peft", "fuse_peft", "compiled_eager", "base_linear")
+CORE_IMPLS = ("fused", "eager", "peft", "fuse_peft", "compiled_eager", "base_linear")
 MIXED_IMPLS = ("fused", "eager", "base_linear")  # what applies to the mixed suite
+IMPLS = CORE_IMPLS + tuple(dict.fromkeys(i for m in SUITE_MODULES.values() for i in m.IMPLS if i not in CORE_IMPLS))
+SELF_GRAPHED = ("graph_replay",)  # replays a CUDA graph of its own: never captured again (--cuda-graph)
 
 
-class Unavailable(Exception):
-    """This implementation does not apply to the case, or cannot run here (the message says why)."""
+def for_case(case: Case) -> tuple[str, ...]:
+    """The implementations that apply to ``case``'s suite (and kind)."""
+    if case.suite == "mixed":
+        return MIXED_IMPLS
+    if case.suite in SUITE_MODULES:
+        module = SUITE_MODULES[case.suite]
+        return getattr(module, "KIND_IMPLS", {}).get(case.kind, module.IMPLS)
+    return CORE_IMPLS
 
 
 def peft_available() -> bool:
@@ -138,19 +154,6 @@ def make_peft_lora(inp: CoreInputs, scale: float) -> nn.Module:
 # -- the timed callables ---------------------------------------------------------------------
 
 
-def _with_mode(forward: Callable[[], torch.Tensor], wrt: list, dy, mode: str) -> Callable[[], object]:
-    if mode == "forward":
-        def fn():
-            with torch.no_grad():
-                return forward()
-    elif mode == "forward_backward":
-        def fn():
-            return torch.autograd.grad(forward(), wrt, dy)
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    return fn
-
-
 def build(case: Case, impl: str, mode: str, inp, device) -> Callable[[], object]:
     """The zero-argument callable that ``impl`` times for ``case`` in ``mode``.
 
@@ -158,16 +161,20 @@ def build(case: Case, impl: str, mode: str, inp, device) -> Callable[[], object]
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if case.suite in SUITE_MODULES:
+        return SUITE_MODULES[case.suite].build(case, impl, mode, inp, device)
+    if impl not in CORE_IMPLS and case.suite != "mixed":
+        raise Unavailable(f"{impl} is not part of the {case.suite} suite (it times {', '.join(CORE_IMPLS)})")
     if case.suite == "mixed":
         return _build_mixed(impl, mode, inp)
     wrt = list(inp.trainable.values())
     if impl == "base_linear":
-        return _with_mode(lambda: F.linear(inp.x, inp.weight, inp.bias), [inp.x], inp.dy, mode)
+        return with_mode(lambda: F.linear(inp.x, inp.weight, inp.bias), [inp.x], inp.dy, mode)
     if impl == "fused":
         folded = fold(inp) if (mode == "forward" and case.placement == "sequential") else None
-        return _with_mode(lambda: fused_core(case, inp, folded), wrt, inp.dy, mode)
+        return with_mode(lambda: fused_core(case, inp, folded), wrt, inp.dy, mode)
     if impl == "eager":
-        return _with_mode(lambda: eager_core(case, inp), wrt, inp.dy, mode)
+        return with_mode(lambda: eager_core(case, inp), wrt, inp.dy, mode)
     if impl in ("peft", "fuse_peft"):
         if case.kind != "lora":
             raise Unavailable("peft has no bottleneck adapters")
@@ -177,24 +184,24 @@ def build(case: Case, impl: str, mode: str, inp, device) -> Callable[[], object]
 
             fuse_peft(layer, strict=True)
         wrt = [inp.x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-        return _with_mode(lambda: layer(inp.x), wrt, inp.dy, mode)
+        return with_mode(lambda: layer(inp.x), wrt, inp.dy, mode)
     if torch.device(device).type != "cuda":  # compiled_eager
         raise Unavailable("left out on a CPU (inductor's C++ build takes ~20 s a shape)")
     torch._dynamo.reset()
     compiled = torch.compile(lambda *tensors: _eager(case, *tensors), dynamic=False)
     args = _tensors(inp)
-    return _with_mode(lambda: compiled(*args), wrt, inp.dy, mode)
+    return with_mode(lambda: compiled(*args), wrt, inp.dy, mode)
 
 
 def _build_mixed(impl: str, mode: str, inp: MixedInputs):
     if mode != "forward":
         raise Unavailable("the mixed suite times forward only")
     if impl == "base_linear":
-        return _with_mode(lambda: F.linear(inp.x, inp.weight, inp.bias), [], None, mode)
+        return with_mode(lambda: F.linear(inp.x, inp.weight, inp.bias), [], None, mode)
     if impl == "eager":
         scales = inp.scales.tolist()
-        return _with_mode(lambda: eager_mixed_lora(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, inp.groups,
+        return with_mode(lambda: eager_mixed_lora(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, inp.groups,
                                                    scales), [], None, mode)
     if impl == "fused":
-        return _with_mode(lambda: fused_mixed(inp), [], None, mode)
+        return with_mode(lambda: fused_mixed(inp), [], None, mode)
     raise Unavailable(f"{impl} is not part of the mixed suite (it times {', '.join(MIXED_IMPLS)})")

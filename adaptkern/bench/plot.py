@@ -14,7 +14,8 @@ from typing import Callable, Optional
 from .report import CPU_CAVEAT, IMPL_TITLES, on_gpu, table_rows
 
 COLORS = {"fused": "tab:green", "eager": "tab:red", "peft": "tab:orange", "fuse_peft": "tab:purple",
-          "compiled_eager": "tab:blue", "base_linear": "tab:gray"}
+          "compiled_eager": "tab:blue", "dequant": "tab:brown", "lora": "tab:olive", "vllm": "tab:pink",
+          "delta": "tab:cyan", "two_launch": "gold", "graph_replay": "darkgreen", "base_linear": "tab:gray"}
 
 
 def _bars(data: dict) -> dict:

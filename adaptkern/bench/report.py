@@ -8,7 +8,7 @@ whole by every run (files are never merged)::
              "method"},
      "ceilings": {"bf16_tflops", "copy_gbps"} | null,   measured in the same run; GPU only
      "rows": [{"suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype",
-               "impl", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb"}],
+               "variant", "impl", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb"}],
      "failures": [{"case", "error"}]}                   fused ops that failed their check (not timed)
 
 Ratios and roofline fractions are not stored: they follow from the medians and the ceilings,
@@ -26,19 +26,26 @@ from . import timing
 from .cases import Case, work
 from ..ops.config import gpu_slug
 
-CASE_KEYS = ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype")
+CASE_KEYS = ("suite", "kind", "M", "K", "N", "rank", "num_adapters", "activation", "dtype", "variant")
 ROW_KEYS = CASE_KEYS + ("impl", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb")
 IMPL_TITLES = {"fused": "fused", "eager": "eager", "peft": "peft", "fuse_peft": "peft+fuse",
-               "compiled_eager": "compiled", "base_linear": "F.linear"}
-BASELINES = ("eager", "peft", "fuse_peft", "compiled_eager")  # the impls each ratio column divides by fused
+               "compiled_eager": "compiled", "dequant": "dequant", "lora": "LoRA", "vllm": "vllm", "delta": "delta",
+               "two_launch": "2-launch", "graph_replay": "graph", "base_linear": "F.linear"}
+# the impls each ratio column divides by fused
+BASELINES = ("eager", "peft", "fuse_peft", "compiled_eager", "dequant", "lora", "vllm", "delta", "two_launch",
+             "graph_replay")
+MEMORY = ("fused", "eager", "peft", "dequant")  # the impls whose peak memory gets a column
 CPU_CAVEAT = "CPU smoke test, not a measurement"
 NOISY_MARK = "~"
 
 LEGEND = (
-    "case id: <kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-S<adapters>]-<dtype>\n"
+    "case id: <kind>-M<rows>-K<in>-N<out>-r<rank>[-<activation>][-<variant>][-S<adapters>]-<dtype>\n"
     "fused: adaptkern's op; eager: the same math as plain PyTorch ops (the ops' reference.py, PEFT's and "
-    "AdapterHub's op order); peft: the real peft LoRA layer; compiled: torch.compile of eager; F.linear: the frozen "
-    "layer alone\n"
+    "AdapterHub's op order); peft: the real peft layer (LoRA, QLoRA on bitsandbytes, DoRA); compiled: torch.compile "
+    "of eager; F.linear: the frozen layer alone\n"
+    "dequant: bitsandbytes dequantize then eager LoRA; LoRA: adaptkern's LoRA at DoRA's shape; vllm: vLLM's PyTorch "
+    "LoRA ops; delta: F.linear + add_lora_delta; 2-launch: lora_shrink + lora_expand; graph: CUDA-graph replay with "
+    "a refilled SlotMapping\n"
     f"times: median ms; '{NOISY_MARK}' marks a spread p80/p20 > {timing.NOISY_SPREAD} (noisy)")
 GPU_LEGEND = (
     "x/fused: speed-up of fused (>1: fused is faster); fused/F.linear: cost over the frozen layer (1.00x: free)\n"
@@ -79,7 +86,7 @@ def on_gpu(data: dict) -> bool:
 
 
 def _case(row: dict) -> Case:
-    return Case(**{k: row[k] for k in CASE_KEYS})
+    return Case(**{k: row[k] for k in CASE_KEYS if k in row})  # files written before "variant" lack it
 
 
 def table_rows(data: dict) -> list[dict]:
@@ -129,7 +136,7 @@ def _columns(data: dict, trs: list[dict]) -> list[tuple[str, object]]:
              ("roofline", lambda tr: "-" if tr.get("roofline") is None else f"{100 * tr['roofline']:.0f}%")]
     mem = lambda i: lambda tr: "-" if (tr["impls"].get(i) or {}).get("peak_mem_mb") is None \
         else f"{tr['impls'][i]['peak_mem_mb']:.0f}"  # noqa: E731
-    return cols + [("fused MiB", mem("fused")), ("eager MiB", mem("eager"))]
+    return cols + [(f"{IMPL_TITLES[i]} MiB", mem(i)) for i in MEMORY if i in present]
 
 
 def header(data: dict) -> list[str]:

@@ -14,7 +14,8 @@ import torch
 from . import cases, env, impls, report, timing
 from .check import check_case
 
-ORDER = ("base_linear", "fused", "eager", "peft", "fuse_peft", "compiled_eager")
+ORDER = ("base_linear", "fused", "eager", "peft", "fuse_peft", "compiled_eager", "dequant", "lora", "vllm", "delta",
+         "two_launch", "graph_replay")
 
 
 class UsageError(ValueError):
@@ -30,8 +31,9 @@ def _stdout(msg: str) -> None:
 
 
 def plan(suite: str, *, quick: bool, gpu: bool, filter: Optional[str], impl_names: Optional[Sequence[str]],
-         modes: Optional[Sequence[str]]) -> list[cases.Case]:
-    """The cases to run; raises :class:`UsageError` for unknown impls/modes or an empty selection."""
+         modes: Optional[Sequence[str]]) -> tuple[list[cases.Case], list[str]]:
+    """(the cases to run, a note per suite left out because a package it needs is missing); raises
+    :class:`UsageError` for unknown impls/modes, an empty selection, or one that nothing here can run."""
     for i in impl_names or ():
         if i not in impls.IMPLS:
             raise UsageError(f"unknown impl {i!r}; expected some of {','.join(impls.IMPLS)}")
@@ -44,10 +46,15 @@ def plan(suite: str, *, quick: bool, gpu: bool, filter: Optional[str], impl_name
         raise UsageError(f"--filter {filter!r} matches none of the {len(every)} cases of suite {suite!r}"
                          f"{' with --quick' if quick else ''} on this {'GPU' if gpu else 'CPU'}; ids look like "
                          f"{', '.join(c.id for c in every[:2])} (each comma-separated part must occur in the id)")
-    return todo
+    missing = {c.suite: cases.requirement(c.suite) for c in todo}
+    notes = [f"suite {s} left out: {why}" for s, why in missing.items() if why]
+    runnable = [c for c in todo if not missing[c.suite]]
+    if not runnable:
+        raise UsageError("; ".join(notes))
+    return runnable, notes
 
 
-def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out",
+def run_bench(suite: str = "all", *, quick: bool = False, out: str = "bench-out",
               impl_names: Optional[Sequence[str]] = None, modes: Optional[Sequence[str]] = None,
               filter: Optional[str] = None, rep_ms: float = 100.0, plot: bool = True, cuda_graph: bool = False,
               log: Callable[[str], None] = _stderr, show: Callable[[str], None] = _stdout) -> int:
@@ -60,7 +67,7 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
     """
     device = env.default_device()
     gpu = device.type == "cuda"
-    todo = plan(suite, quick=quick, gpu=gpu, filter=filter, impl_names=impl_names, modes=modes)
+    todo, notes = plan(suite, quick=quick, gpu=gpu, filter=filter, impl_names=impl_names, modes=modes)
     wanted = [i for i in ORDER if i in (impl_names or impls.IMPLS)]
     graph = cuda_graph and gpu
     log(f"adaptkern bench on {env.device_name(device)}: fused ops run {env.execution_path(device)}")
@@ -68,6 +75,8 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
         log(f"{report.CPU_CAVEAT}: no GPU here, so tiny shapes run and their times only show that the harness works.")
     if cuda_graph and not gpu:
         log("--cuda-graph ignored: no GPU")
+    for note in notes:
+        log(note)
     if {"peft", "fuse_peft"} & set(wanted) and not impls.peft_available():
         log("peft and fuse_peft columns left out: the peft package is not importable (pip install -e '.[bench]')")
     ceilings = timing.ceilings(device) if gpu else None
@@ -79,22 +88,23 @@ def run_bench(suite: str = "core", *, quick: bool = False, out: str = "bench-out
     for n, case in enumerate(todo, 1):
         log(f"[{n}/{len(todo)}] {case.id}")
         inp = cases.make_inputs(case, device)
-        chk = check_case(case, inp, grads=case.suite != "mixed")
+        chk = check_case(case, inp)
         log(f"    check: {chk.summary()}")
         if not chk.ok:
             failures.append({"case": case.id, "error": chk.failures()})
         for mode in [m for m in case.modes if not modes or m in modes]:
             parts = []
-            for impl in [i for i in wanted if case.suite != "mixed" or i in impls.MIXED_IMPLS]:
+            for impl in [i for i in wanted if i in impls.for_case(case)]:
                 if impl == "fused" and not chk.ok:
                     parts.append("fused FAILED its check (not timed)")
                     continue
-                key = (case.M, case.K, case.N, case.dtype, mode)  # F.linear is the same for every adapter
+                key = (case.suite, case.M, case.K, case.N, case.dtype, mode)  # F.linear: the same for every adapter
                 try:
                     t = floor.get(key) if impl == "base_linear" else None
                     if t is None:
                         fn = impls.build(case, impl, mode, inp, device)
-                        t = timing.measure(fn, device, rep_ms=rep_ms, graph=graph and mode == "forward")
+                        replay = graph and mode == "forward" and impl not in impls.SELF_GRAPHED
+                        t = timing.measure(fn, device, rep_ms=rep_ms, graph=replay)
                     if impl == "base_linear":
                         floor[key] = t
                 except impls.Unavailable as e:
