@@ -9,6 +9,7 @@ from .dora import dora_linear, dora_weight_norm
 from .functional import adapter_linear, bottleneck_linear, lora_linear
 from .manager import AdapterManager
 from .mixed import mixed_adapter_linear, mixed_lora_linear
+from .adapters import DoraAdapter
 from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter, adapter_batch
 from .pool import AdapterPool
 from .quantized import QuantizedWeight, qlora_linear
@@ -20,6 +21,7 @@ __all__ = [
     "AdapterManager",
     "AdapterPool",
     "BottleneckAdapter",
+    "DoraAdapter",
     "LoraAdapter",
     "QuantizedWeight",
     "SlotMapping",

@@ -1,5 +1,5 @@
-"""The adapter modules ``AdapterLinear`` holds: ``LoraAdapter`` and ``BottleneckAdapter``, and the
-checks of their arguments (shared with model patching)."""
+"""The adapter modules ``AdapterLinear`` holds: ``LoraAdapter``, ``DoraAdapter`` and
+``BottleneckAdapter``, and the checks of their arguments (shared with model patching)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import validation as check
+from .dora import dora_weight_norm
 
 
 def lora_arguments(r, alpha=None, dropout=0.0, use_rslora=False, *, lora_alpha=None, lora_dropout=None) -> dict:
@@ -73,6 +74,30 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, rslora={self.use_rslora}"
+
+
+class DoraAdapter(LoraAdapter):
+    """A LoRA adapter with DoRA's trained magnitude ``lora_magnitude_vector [out]`` (PEFT's name),
+    initialised to ‖W + scale·B·A‖_row = ‖W‖_row (B is zero) of the base ``weight [out, in]``.
+
+    Semantics: the layer computes y = (m / ‖W + scale·B·A‖_row) ⊙ (x·Wᵀ + scale·(x̃·Aᵀ)·Bᵀ) + b,
+    the norm detached, x̃ = dropout(x) on the adapter branch (see :func:`adaptkern.dora.dora_linear`).
+    Arguments as :func:`lora_arguments`.
+    """
+
+    kind = "dora"
+
+    def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, use_rslora=False, *, weight,
+                 lora_alpha=None, lora_dropout=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, r, alpha, dropout, use_rslora, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, device=device, dtype=dtype)
+        with torch.no_grad():
+            norm = dora_weight_norm(weight.detach(), self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype),
+                                    scale=self.scale)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dora=True"
 
 
 class BottleneckAdapter(nn.Module):

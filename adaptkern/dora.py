@@ -75,6 +75,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias, lora_a: Tensor, lora_b: Tensor,
     shapes, dtypes, devices, ``scale`` (a real number finite in float32), ``dropout`` (in [0, 1)).
     """
     n, k = check.linear_input(x, weight)
+    check.tensor("magnitude", magnitude, 1)  # required here (None would silently give plain LoRA)
     _adapter(weight, lora_a, lora_b, magnitude)
     check.tensor("bias", bias, 1, optional=True)
     check.shape("bias", bias, (n,), "N of weight")

@@ -43,7 +43,7 @@ def _dual_gemm_kernel(
     EPILOGUE: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr, DROP: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_K2: tl.constexpr = 16, HAS_COL_SCALE: tl.constexpr = False,
+    BLOCK_K2: tl.constexpr = 16, HAS_COL_SCALE: tl.constexpr = False, PLUS_UNDROPPED: tl.constexpr = False,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -101,6 +101,28 @@ def _dual_gemm_kernel(
             tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn, acc,
                      mask=m_ok[:, None] & n_ok[None, :])
         acc = acc * tl.load(col_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+        if PLUS_UNDROPPED:
+            # DoRA with dropout (P₁ = x dropped above, α₁ = 1, col = g − 1): C = (g − 1) ⊙ P + x·Q₁ +
+            # α₂·P₂·Q₂ + bias, P = x̃·Q₁ + α₂·P₂·Q₂; the passes again, x undropped, into the same
+            # accumulator (α₂ scales the Q₂ tile: P₂ may be large in fp16).
+            for k0 in range(0, K1, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < K1
+                p = tl.load(p1_ptr + rm[:, None] * stride_p1m + kk[None, :] * stride_p1k,
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                q = tl.load(q1_ptr + kk[:, None] * stride_q1k + rn[None, :] * stride_q1n,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+            rk2 = tl.arange(0, BLOCK_K2)
+            for k0 in range(0, K2, BLOCK_K2):
+                kk = k0 + rk2
+                k_ok = kk < K2
+                p = tl.load(p2_ptr + rm[:, None] * stride_p2m + kk[None, :] * stride_p2k,
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                q = tl.load(q2_ptr + kk[:, None] * stride_q2k + rn[None, :] * stride_q2n,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(p.to(DOT_DTYPE), (q.to(ACC) * alpha2).to(DOT_DTYPE), acc, input_precision=PRECISION,
+                             out_dtype=ACC)
 
     if pid_k == 0:
         if HAS_BIAS1:
@@ -144,10 +166,12 @@ def _aligned(*operands) -> bool:
 
 def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store_z=False,
          epilogue=EPI_NONE, act=0, alpha1=1.0, alpha2=1.0, seed=None, dropout_p=0.0,
-         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False, col_scale=None):
+         drop=DROP_NONE, drop_ld=0, dot_dtype, allow_split_k=False, col_scale=None, plus_undropped=False):
     """Semantics: out = act-epilogue(α₁·p1·q1 + α₂·p2·q2 + bias1 + α₂·bias2); with
     ``col_scale`` g (and no activation epilogue): out = g ⊙ (α₁·p1·q1 + α₂·p2·q2) + bias1 +
-    α₂·bias2, and ``store_z`` writes the unscaled α₁·p1·q1 + α₂·p2·q2 to z (in z's dtype).
+    α₂·bias2, and ``store_z`` writes the unscaled α₁·p1·q1 + α₂·p2·q2 to z (in z's dtype);
+    ``plus_undropped`` (with ``col_scale``, p1 = x dropped by ``drop=DROP_P1``, a second product,
+    α₁ = 1) adds p1·q1 + α₂·p2·q2 again without dropout: DoRA's y = (g − 1) ⊙ P + x·Wᵀ + s·S·Bᵀ + b.
 
     Shapes: out [M, N], p1 [M, K1], q1 [K1, N], p2 [M, K2], q2 [K2, N], bias [N], z [M, N]
     fp32 (any floating dtype with ``col_scale``), col_scale [N] fp32 (fp64 for fp64
@@ -182,6 +206,7 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
         alpha1, alpha2, dropout_p, drop_ld,
         HAS_SECOND=p2 is not None, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
         EPILOGUE=epilogue, STORE_Z=store_z, ACT=act, DROP=drop, SPLIT_K=splits, HAS_COL_SCALE=col_scale is not None,
+        PLUS_UNDROPPED=plus_undropped,
         **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -176,21 +176,53 @@ def test_nan_in_one_row_stays_in_that_row(device):
     assert bad[13] and bad.sum() == 1
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["p0", "p0.25"])
 @pytest.mark.parametrize("need_p", [True, False], ids=["need_p", "no_p"])
-def test_opcheck_dora_ops_on_both_paths(need_p, path_device):
+def test_opcheck_dora_ops_on_both_paths(need_p, dropout, path_device):
     x, w, b, a, bb, mag = (t.to(path_device) for t in dora_inputs(9, 12, 10, 3, torch.float32))
     a, bb = transposed_storage(a), transposed_storage(bb)
     seed = torch.tensor([7], device=path_device)
     leaves = [t.requires_grad_() for t in (x, a, bb)] + [mag.requires_grad_(need_p)]
-    args = (leaves[0], w, b, leaves[1], leaves[2], leaves[3], 0.5, 0.25, seed, True, need_p)
+    args = (leaves[0], w, b, leaves[1], leaves[2], leaves[3], 0.5, dropout, seed, True, need_p)
     torch.library.opcheck(dora_linear_op, args)
     y, norm, s, p = dora_linear_op(*args)
-    assert y.shape == (9, 10) and norm.shape == (10,) and s.shape == (9, 3) and p.shape == ((9, 10) if need_p else (0,))
+    stored = need_p and dropout > 0  # without dropout backward recovers P from y
+    assert y.shape == (9, 10) and norm.shape == (10,) and s.shape == (9, 3) and p.shape == ((9, 10) if stored else (0,))
     dy = torch.randn(9, 10, generator=torch.Generator().manual_seed(3)).to(path_device)
     needs = [True, False, False, True, True, need_p]
-    saved = [t.detach() for t in (x, a, bb, mag, norm, s, p)]
-    args = (dy, saved[0], w, *saved[1:], 0.5, 0.25, seed, needs)
+    saved = [t.detach() for t in (x, a, bb, mag, norm, s, p, y)]
+    args = (dy, saved[0], w, b, *saved[1:], 0.5, dropout, seed, needs)
     torch.library.opcheck(dora_linear_backward_op, args)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_magnitude_gradient_where_y_cannot_give_p(bias, dtype, path_device):
+    """Backward recovers P = (y − b) / g from the output; where g = m / n is 0 (y = b holds no P) or small (P
+    would carry ulp(|b|) / |g|: 5× eager's error at g = 0.1 with a bias of 4) those columns' P is recomputed.
+    The columns sit in one slab (the recompute branch) and the others read y."""
+    x, w, b, a, bb, mag = dora_inputs(70, 40, 70, 5, torch.float64, seed=4, bias=bias)
+    mag[[3, 40, 41]] = 0.0
+    mag[[5, 6, 50]] *= 0.1
+    b = None if b is None else b * 8.0
+    _check_all(tuple(None if t is None else t.to(dtype) for t in (x, w, b, a, bb, mag)), 0.5, path_device)
+
+
+def test_y_is_saved_only_when_the_magnitude_trains(path_device):
+    """Without dropout dm reads P back from y, so autograd holds y then (an in-place change of y is caught, never a
+    silently wrong dm); without a magnitude gradient y is not held."""
+    x, w, b, a, bb, mag = (t.to(path_device) for t in dora_inputs(12, 16, 10, 3, torch.float32))
+    for trains in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (a, bb)] + [mag.clone().requires_grad_(trains)]
+        y = dora_linear(x, w, b, *leaves)
+        y.mul_(2.0)
+        if trains:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        else:
+            y.sum().backward()
+            assert leaves[0].grad is not None
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -201,6 +233,7 @@ def test_opcheck_dora_ops_on_both_paths(need_p, path_device):
     (dict(dropout=1.0), "dropout"),
     (dict(scale=float("inf")), "scale"),
     (dict(magnitude=torch.ones(10, dtype=torch.int64)), "magnitude must be a floating tensor"),
+    (dict(magnitude=None), "magnitude must be a tensor, got None"),
 ])
 def test_bad_input_is_refused_naming_the_argument(bad, match):
     args = dict(x=torch.ones(4, 12), weight=torch.ones(10, 12), bias=None, lora_a=torch.ones(3, 12),

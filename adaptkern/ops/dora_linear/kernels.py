@@ -8,7 +8,13 @@
   cancels: each squared element is the fp32 value of ``W + s·B·A`` itself, so the norm is as
   exact as fp32 sums of squares, whatever the adapter does to a row.
 * ``_dora_linear_colsum_kernel``: ``dm_n = Σ_m dY[m, n]·P[m, n] / n_n`` (fp32 accumulation), the
-  magnitude's gradient from the saved pre-scale output P.
+  magnitude's gradient. Without dropout P is recovered from the saved output, ``P = (y − b) / g``
+  (the forward then stores nothing [M, N] but y, which frees the main GEMM's epilogue of a second
+  store). y's rounding error is ~ulp(|g·P + b|), so the recovered P carries ~ulp(|b|)/|g| where
+  the bias dominates, against ~ulp(|b|) in PEFT's own ``result − bias``: for |g| < ``min_g``
+  (2/3, ``reference.RECOVER_MIN_G``; g = m/‖W + s·B·A‖ is ~1 in training) and for g = 0, where
+  y = b holds no P at all, P is recomputed as x·Wᵀ + s·S·Bᵀ (a runtime branch taken only by
+  slabs holding such a column). With dropout y is not g ⊙ P + b, and the forward stores P.
 """
 
 from __future__ import annotations
@@ -66,21 +72,80 @@ def _dora_linear_norm_kernel(
 def _dora_linear_colsum_kernel(
     dm_ptr,  # [N] out, ACC: Σ_m dY ⊙ P / norm
     dy_ptr,  # [M, N]
-    p_ptr,  # [M, N]: x̃·Wᵀ + s·S·Bᵀ as the forward stored it
+    p_ptr,  # [M, N]: P = x̃·Wᵀ + s·S·Bᵀ as the forward stored it (not FROM_Y)
+    y_ptr,  # [M, N]: the forward's output y = g ⊙ P + b (FROM_Y)
+    bias_ptr,  # [N] (FROM_Y and HAS_BIAS)
+    g_ptr,  # [N] ACC: m / norm (FROM_Y)
     norm_ptr,  # [N] ACC
-    M, N,
-    stride_dym, stride_dyn, stride_pm, stride_pn,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,  # [M, K] (FROM_Y: P recomputed for columns with |g| < min_g)
+    w_ptr,  # [N, K]
+    s_ptr,  # [M, R] ACC: S = x·Aᵀ
+    b_ptr,  # [N, R]
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_pm, stride_pn, stride_ym, stride_yn, stride_xm, stride_xk,
+    stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+    scale, min_g,
+    FROM_Y: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M·N may pass 2³¹
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if FROM_Y:
+        g = tl.load(g_ptr + rn, mask=n_ok, other=1.0)
+        small = tl.abs(g) < min_g
+        g_safe = tl.where(small, 1.0, g)
+        any_small = tl.max(small.to(tl.int32), axis=0) > 0
+        bias = tl.zeros((BLOCK_N,), dtype=ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)
     for m0 in range(0, M, BLOCK_M):
         mm = m0 + rm
-        ok = (mm < M)[:, None] & n_ok[None, :]
+        m_ok = mm < M
+        ok = m_ok[:, None] & n_ok[None, :]
         dy = tl.load(dy_ptr + mm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=ok, other=0.0)
-        p = tl.load(p_ptr + mm[:, None] * stride_pm + rn[None, :] * stride_pn, mask=ok, other=0.0)
-        acc += dy.to(ACC) * p.to(ACC)
+        if FROM_Y:
+            y = tl.load(y_ptr + mm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=ok, other=0.0)
+            p = (y.to(ACC) - bias[None, :]) / g_safe[None, :]
+            if any_small:  # P itself, x·Wᵀ + s·S·Bᵀ, for this slab (g is ~1 in practice: rare)
+                p = tl.where(small[None, :], _dora_linear_recompute_p(
+                    x_ptr, w_ptr, s_ptr, b_ptr, mm, rn, m_ok, n_ok, K, R, stride_xm, stride_xk, stride_wn, stride_wk,
+                    stride_sm, stride_sr, stride_bn, stride_br, scale, DOT_DTYPE, ACC, PRECISION, BLOCK_M, BLOCK_N,
+                    BLOCK_K, BLOCK_R), p)
+        else:
+            p = tl.load(p_ptr + mm[:, None] * stride_pm + rn[None, :] * stride_pn, mask=ok, other=0.0).to(ACC)
+        acc += dy.to(ACC) * p
     norm = tl.load(norm_ptr + rn, mask=n_ok, other=1.0)
     tl.store(dm_ptr + rn, tl.sum(acc, axis=0) / norm, mask=n_ok)
+
+
+@triton.jit
+def _dora_linear_recompute_p(
+    x_ptr, w_ptr, s_ptr, b_ptr, mm, rn, m_ok, n_ok, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, scale,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """P = x·Wᵀ + s·S·Bᵀ [BLOCK_M, BLOCK_N] for rows ``mm`` and columns ``rn``, in ACC."""
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    p = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + mm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        p = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), p, input_precision=PRECISION, out_dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):  # into the same accumulator, s on the B tile (S may be large in fp16)
+        r = r0 + rr
+        r_ok = r < R
+        sv = tl.load(s_ptr + mm[:, None] * stride_sm + r[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * stride_bn + r[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        p = tl.dot(sv.to(DOT_DTYPE), (b.to(ACC) * scale).to(DOT_DTYPE), p, input_precision=PRECISION, out_dtype=ACC)
+    return p

@@ -7,11 +7,15 @@ Semantics (``reference.py`` is the spec; x̃ = dropout(x) on the adapter branch)
 
 Forward launches, without dropout: the norm kernel (n and g, one read of W), the shrink
 ``S = x·Aᵀ`` and one main GEMM ``y = g ⊙ (x·Wᵀ + s·S·Bᵀ) + b`` (the dual GEMM with its
-per-column scale) — LoRA's split route plus one read of W. When m takes a gradient the main
-GEMM also writes ``P = x·Wᵀ + s·S·Bᵀ`` (x's dtype, ``[M, N]``) for ``dm``: recomputing it in
-backward would cost a base GEMM. With dropout y needs x·Wᵀ and x̃·Wᵀ (two base GEMMs, as in
-PEFT): ``t = (g − 1) ⊙ (x̃·Wᵀ + s·S·Bᵀ)`` (writing P) and ``u = x·Wᵀ + s·S·Bᵀ + b`` in fp32,
-``y = u + t``.
+per-column scale) — LoRA's split route plus one read of W. ``dm`` needs ``P = x·Wᵀ + s·S·Bᵀ``:
+without dropout backward recovers it from the saved output, ``P = (y − b) / g`` (recomputed
+for a column with |g| < 2/3, g = 0 included, where that would lose precision;
+``reference.recover_p``), so the forward writes nothing ``[M, N]`` but y (autograd then holds
+y: modifying y in place before backward is an error, as for any op that saves its output).
+With dropout y needs x·Wᵀ and x̃·Wᵀ (two base GEMMs, as in PEFT), in one launch and one
+accumulator: ``P = x̃·Wᵀ + s·S·Bᵀ`` (written, x's dtype), then ``y = (g − 1) ⊙ P + x·Wᵀ +
+s·S·Bᵀ + b`` by a second pass over W and B with x undropped (no fp32 ``[M, N]`` temporaries;
+the mask is drawn in the first pass only).
 
 Backward (the chain rule of ``reference.dora_linear_backward``)::
 
@@ -23,8 +27,10 @@ Backward (the chain rule of ``reference.dora_linear_backward``)::
 
 Compiled for sm_90a (bf16, M = 8192, K = N = 4096, r = 16; benchmarks/kernel_report.py's
 compiler path): the main GEMM with the column scale takes 126 registers, 2 CTAs/SM (LoRA's
-main GEMM: 119); writing P as well, 140 and 1 CTA/SM — the training forward's price for dm.
-The norm kernel: 64 registers, 128 CTAs; the column sum: 48. No spills.
+main GEMM: 119), in training too (writing P as well took 140 and 1 CTA/SM before P was
+recovered from y). With dropout the one main launch takes 229 and 1 CTA/SM (it was two: 215
+and 117, plus the fp32 temporaries and their sum). The norm kernel: 64 registers, 128 CTAs;
+the column sum: 108 on 8 warps (its recompute branch's tiles; 4 warps spilled in fp32). No spills.
 
 ``g ⊙ W`` and ``g ⊙ B`` are materialised in x's dtype per backward (N·K + N·R elements): the
 dual GEMM has a per-output-column scale, and g sits on the reduction dimension of these products.
@@ -51,7 +57,9 @@ from .kernels import _dora_linear_colsum_kernel, _dora_linear_norm_kernel
 
 # Norm kernel tiles: 32 rows a program (128 programs stream W at N = 4096), a 64-wide K tile;
 # column-sum kernel: 32 columns a program over 64-row slabs. Reasoned, not yet measured.
-NORM_BLOCK_N, NORM_BLOCK_K, COLSUM_BLOCK_M, COLSUM_BLOCK_N = 32, 64, 64, 32
+# The column sum's recompute of P (columns with small g) runs 32-wide K tiles (64: fp32 spills).
+NORM_BLOCK_N, NORM_BLOCK_K, COLSUM_BLOCK_M, COLSUM_BLOCK_N, COLSUM_BLOCK_K = 32, 64, 64, 32, 32
+COLSUM_WARPS = 8  # 4 warps: the fp32 recompute spills (255 registers)
 
 
 def weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
@@ -92,7 +100,7 @@ def _forward_triton(x, weight, bias, a_w, b_w, mag, scale, dropout_p, seed, need
     acc = acc_dtype(x.dtype)
     norm, g = weight_norm(weight, a_w, b_w, scale, mag)
     y = x.new_empty((m, n))
-    p = x.new_empty((m, n) if need_p else (0,))
+    p = x.new_empty((m, n) if need_p and dropout_p > 0.0 else (0,))
     s = x.new_empty((m, r), dtype=acc)
     if m == 0:
         return y, norm, s if need_s else s.new_empty(0), p
@@ -102,17 +110,14 @@ def _forward_triton(x, weight, bias, a_w, b_w, mag, scale, dropout_p, seed, need
          dot_dtype=dot_dtype)
     lora = dict(p2=s, q2=b_w.t(), alpha2=scale, dot_dtype=dot_dtype)
     if not dropout:
-        gemm(y, x, weight.t(), bias1=bias, col_scale=g, z=p if need_p else None, store_z=need_p, **lora)
+        gemm(y, x, weight.t(), bias1=bias, col_scale=g, **lora)
     else:
-        t = gemm(torch.empty((m, n), dtype=acc, device=x.device), x, weight.t(), col_scale=g - 1,
-                 z=p if need_p else None, store_z=need_p, seed=seed, dropout_p=dropout_p, drop=DROP_P1,
-                 drop_ld=k, **lora)
-        u = gemm(torch.empty((m, n), dtype=acc, device=x.device), x, weight.t(), bias1=bias, **lora)
-        y.copy_(u.add_(t))
+        gemm(y, x, weight.t(), bias1=bias, col_scale=g - 1, z=p if need_p else None, store_z=need_p, seed=seed,
+             dropout_p=dropout_p, drop=DROP_P1, drop_ld=k, plus_undropped=True, **lora)
     return y, norm, s if need_s else s.new_empty(0), p
 
 
-def _backward_triton(dy, x, weight, a_w, b_w, mag, norm, s, p, scale, dropout_p, seed, needs):
+def _backward_triton(dy, x, weight, bias, a_w, b_w, mag, norm, s, p, y, scale, dropout_p, seed, needs):
     m, k = x.shape
     n, r = weight.shape[0], a_w.shape[0]
     need_x, need_w, need_b, need_a, need_bb, need_m = needs
@@ -151,9 +156,14 @@ def _backward_triton(dy, x, weight, a_w, b_w, mag, norm, s, p, scale, dropout_p,
     if need_m:
         dm = torch.empty(n, **f32)
         if n:
+            src = y if not dropout else p
             _dora_linear_colsum_kernel[(triton.cdiv(n, COLSUM_BLOCK_N),)](
-                dm, dy, p, norm, m, n, *dy.stride(), *p.stride(),
-                ACC=dot_dtype["ACC"], BLOCK_M=COLSUM_BLOCK_M, BLOCK_N=COLSUM_BLOCK_N,
+                dm, dy, src, src, bias if bias is not None else norm, g.reshape(-1).contiguous(), norm, x, weight,
+                s, b_w, m, n, k, r, *dy.stride(), *src.stride(), *src.stride(), *x.stride(), *weight.stride(),
+                *s.stride(), *b_w.stride(), scale, reference.RECOVER_MIN_G,
+                FROM_Y=not dropout, HAS_BIAS=bias is not None, **dot_dtype,
+                BLOCK_M=COLSUM_BLOCK_M, BLOCK_N=COLSUM_BLOCK_N, BLOCK_K=COLSUM_BLOCK_K,
+                BLOCK_R=min(config.block_r(r), 64), num_warps=COLSUM_WARPS,
             )
     return dx, dw, dy.sum(0, dtype=acc) if need_b else None, da, db_w, dm
 
@@ -170,7 +180,8 @@ def dora_linear_op(
     """Semantics: y = x·Wᵀ + b + (g − 1)⊙(x̃·Wᵀ) + g⊙s·(x̃·Aᵀ)·Bᵀ, g = m / ‖W + s·B·A‖_row.
 
     Returns (y [M, N], norm [N] fp32, S = x̃·Aᵀ [M, R] fp32 or [0] unless ``need_s``,
-    P = x̃·Wᵀ + s·S·Bᵀ [M, N] in x's dtype or [0] unless ``need_p``); fp64 for fp64 inputs.
+    P = x̃·Wᵀ + s·S·Bᵀ [M, N] in x's dtype or [0] unless ``need_p`` and dropout_p > 0 (without
+    dropout backward recovers P from y)); fp64 for fp64 inputs.
     Shapes: x [M, K], weight [N, K], bias [N], lora_a [R, K], lora_b [N, R], magnitude [N],
     seed [1] int64 (read only when dropout_p > 0). Inputs are validated by the callers
     (``adaptkern.dora``); this op trusts them.
@@ -187,30 +198,33 @@ def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, need_s
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     acc = acc_dtype(x.dtype)
     return (x.new_empty((m, n)), x.new_empty((n,), dtype=acc), x.new_empty((m, r) if need_s else (0,), dtype=acc),
-            x.new_empty((m, n) if need_p else (0,)))
+            x.new_empty((m, n) if need_p and dropout_p > 0.0 else (0,)))
 
 
 @torch.library.custom_op("adaptkern::dora_linear_backward", mutates_args=())
 def dora_linear_backward_op(
-    dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, norm: Tensor,
-    s: Tensor, p: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor], needs: list[bool],
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+    magnitude: Tensor, norm: Tensor, s: Tensor, p: Tensor, y: Tensor, scale: float, dropout_p: float,
+    seed: Optional[Tensor], needs: list[bool],
 ) -> list[Tensor]:
     """Gradients of ``adaptkern::dora_linear`` for (x, weight, bias, lora_a, lora_b, magnitude).
+    ``y`` is the forward's output (read for dm without dropout; [0] otherwise).
 
     Returns six tensors in x's dtype; an input whose entry of ``needs`` is False gets an
     empty tensor (the autograd wrapper maps it to None).
     """
     if use_triton(x):
-        grads = _backward_triton(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, dropout_p, seed, needs)
+        grads = _backward_triton(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, scale, dropout_p,
+                                 seed, needs)
     else:
         keep = _keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
-        grads = reference.dora_linear_backward(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, keep,
-                                               dropout_p, needs)
+        grads = reference.dora_linear_backward(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, scale,
+                                               keep, dropout_p, needs)
     return [g.to(x.dtype) if g is not None else x.new_empty(0) for g in grads]
 
 
 @dora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, dropout_p, seed, needs):
+def _(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, scale, dropout_p, seed, needs):
     m, k = x.shape
     n, r = weight.shape[0], lora_a.shape[0]
     shapes = [(m, k), (n, k), (n,), (r, k), (n, r), (n,)]
@@ -219,14 +233,16 @@ def _(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, dropout_p, se
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, need_s, need_p = inputs
-    _, norm, s, p = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, s, p, seed)
+    y, norm, s, p = output
+    if not (need_p and dropout_p == 0.0):
+        y = y.new_empty(0)  # y is read for dm only without dropout: don't hold it otherwise
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, seed)
     ctx.args = (scale, dropout_p, need_s, need_p)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _dnorm, _ds, _dp):
-    x, weight, lora_a, lora_b, magnitude, norm, s, p, seed = ctx.saved_tensors
+    x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, seed = ctx.saved_tensors
     scale, dropout_p, need_s, need_p = ctx.args
     needs = [bool(ctx.needs_input_grad[i]) for i in range(6)]
     needs[2] = needs[2] and ctx.has_bias
@@ -235,8 +251,8 @@ def _backward(ctx, dy, _dnorm, _ds, _dp):
     if not need_s or (needs[5] and not need_p):
         raise RuntimeError("adaptkern::dora_linear was run without the tensors its backward needs "
                            f"(need_s={need_s}, need_p={need_p}); it cannot be differentiated")
-    grads = dora_linear_backward_op(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, dropout_p, seed,
-                                    needs)
+    grads = dora_linear_backward_op(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, scale, dropout_p,
+                                    seed, needs)
     return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None, None)
 
 

@@ -58,8 +58,9 @@ def dropped(x32, keep, dropout_p):
 
 def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale, keep, dropout_p, need_s, need_p):
     """The CPU path of ``adaptkern::dora_linear``: (y [M, N] in x's dtype, norm [N], S = x̃·Aᵀ
-    [M, R] or empty, P = x̃·Wᵀ + s·S·Bᵀ [M, N] in x's dtype or empty); norm and S in float32
-    (float64 for float64 inputs)."""
+    [M, R] or empty, P = x̃·Wᵀ + s·S·Bᵀ [M, N] in x's dtype with dropout and ``need_p``, else
+    empty: without dropout backward recovers P from y, see :func:`recover_p`); norm and S in
+    float32 (float64 for float64 inputs)."""
     acc = _acc(x.dtype)
     x32, w32, a32, b32, m32 = (t.to(acc) for t in (x, weight, lora_a, lora_b, magnitude))
     norm = torch.linalg.norm(w32 + scale * (b32 @ a32), dim=1)
@@ -71,10 +72,30 @@ def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale, keep,
     if bias is not None:
         y = y + bias.to(acc)
     return (y.to(x.dtype), norm, s if need_s else s.new_empty(0),
-            p.to(x.dtype) if need_p else x.new_empty(0))
+            p.to(x.dtype) if need_p and keep is not None else x.new_empty(0))
 
 
-def dora_linear_backward(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, scale, keep, dropout_p, needs):
+# P = (y − b) / g carries y's rounding ~ulp(|b|) divided by |g|; below this |g| (and at g = 0,
+# where y = b holds no P) the P of those columns is recomputed instead (kernels.py's docstring).
+RECOVER_MIN_G = 2.0 / 3.0
+
+
+def recover_p(y, bias, g, x, weight, s, lora_b, scale):
+    """Semantics: P = (y − b) / g from the output y = g ⊙ P + b (no dropout); a column with
+    |g| < RECOVER_MIN_G (g = 0 included) gets P = x·Wᵀ + s·S·Bᵀ recomputed. Shapes: y [M, N],
+    bias [N] | None, g [N], x [M, K], weight [N, K], s [M, R], lora_b [N, R] -> [M, N] in g's dtype."""
+    acc = g.dtype
+    small = g.abs() < RECOVER_MIN_G
+    centred = y.to(acc) - (0.0 if bias is None else bias.to(acc))
+    p = centred / torch.where(small, 1.0, g)
+    if bool(small.any()):
+        cols = small.nonzero().flatten()
+        p[:, cols] = x.to(acc) @ weight[cols].to(acc).t() + scale * (s @ lora_b[cols].to(acc).t())
+    return p
+
+
+def dora_linear_backward(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s, p, y, scale, keep, dropout_p,
+                         needs):
     """Explicit gradients of :func:`dora_linear_ref` (the chain rule the kernels implement)::
 
         g = m / n;  dZ = s·(dY ⊙ g)·B;  ks = keep / (1 − p)  (1 without dropout)
@@ -82,8 +103,9 @@ def dora_linear_backward(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, s
         dW = dYᵀ·x + (dY ⊙ (g − 1))ᵀ·x̃;  db = colsum(dY)
         dA = dZᵀ·x̃;  dB = s·(dY ⊙ g)ᵀ·S;  dm = colsum(dY ⊙ P) / n
 
-    Shapes: dy [M, N], x [M, K], weight [N, K], lora_a [R, K], lora_b [N, R], magnitude [N],
-    norm [N], s = x̃·Aᵀ [M, R], p = x̃·Wᵀ + s·S·Bᵀ [M, N] (empty unless dm is needed).
+    Shapes: dy [M, N], x [M, K], weight [N, K], bias [N] | None, lora_a [R, K], lora_b [N, R],
+    magnitude [N], norm [N], s = x̃·Aᵀ [M, R], p = x̃·Wᵀ + s·S·Bᵀ [M, N] (dropout; empty unless
+    dm is needed), y [M, N] the forward's output (no dropout: P from :func:`recover_p`).
     ``needs`` is (x, weight, bias, lora_a, lora_b, magnitude). Returns the six gradients in
     float32 (float64 for float64 inputs), None where not needed.
     """
@@ -105,5 +127,6 @@ def dora_linear_backward(dy, x, weight, lora_a, lora_b, magnitude, norm, s, p, s
         dy32.sum(0) if need_b else None,
         dz.t() @ x_ad if need_a else None,
         scale * dyg.t() @ s if need_bb else None,
-        (dy32 * p.to(acc)).sum(0) / norm if need_m else None,
+        (dy32 * (p.to(acc) if keep is not None else recover_p(y, bias, g, x, weight, s, lora_b, scale))).sum(0)
+        / norm if need_m else None,
     )
