@@ -12,7 +12,7 @@ from .mixed import mixed_adapter_linear, mixed_lora_linear
 from .adapters import DoraAdapter
 from .nn import AdapterLinear, BottleneckAdapter, LoraAdapter, adapter_batch
 from .pool import AdapterPool
-from .quantized import QuantizedWeight, qlora_linear
+from .quantized import QuantizedWeight, mixed_qlora_linear, qlora_linear
 from .serving import add_lora_delta, lora_expand, lora_shrink, mixed_lora_embedding
 from .slot_mapping import SlotMapping
 
@@ -38,6 +38,7 @@ __all__ = [
     "mixed_lora_embedding",
     "mixed_adapter_linear",
     "mixed_lora_linear",
+    "mixed_qlora_linear",
     "qlora_linear",
 ]
 __version__ = "0.1.0"

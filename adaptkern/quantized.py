@@ -1,5 +1,6 @@
 """QLoRA: LoRA on a bitsandbytes 4-bit (NF4 or FP4) frozen weight, dequantized tile by tile inside
-the fused kernels (``adaptkern::quantized_lora_linear``); W never exists in 16 or 32 bits.
+the fused kernels (``adaptkern::quantized_lora_linear``; for mixed-adapter batches the base alone,
+``adaptkern::quantized_linear``, plus the serving delta); W never exists in 16 or 32 bits.
 
 bitsandbytes is optional: nothing here imports it. :class:`QuantizedWeight` reads a
 ``Params4bit`` and its ``QuantState`` by their attributes (duck typing) into plain tensors, and
@@ -16,9 +17,13 @@ from torch import Tensor
 
 from . import validation as check
 from .functional import any_requires_grad, autocast_input, flatten_rows
+from .mixed import check_slot_values
+from .ops.common import acc_dtype
 from .ops.config import ONEPASS_MAX_RANK
+from .ops.lora_delta import add_lora_delta_op
 from .ops.quantized_lora_linear import (NESTED_BLOCKSIZE, QUANT_TYPES, ROUTES, code_pairs, code_table,
-                                        quantized_lora_linear_op)
+                                        quantized_linear_op, quantized_lora_linear_op)
+from .slot_mapping import resolve_ids
 
 # The block sizes bitsandbytes quantizes with; the kernels read every one of them exactly.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -159,16 +164,8 @@ def qlora_linear(x, weight, quant_state, bias, lora_a, lora_b, *, scale=1.0, dro
     the argument and the shapes for x, bias, lora_a, lora_b, scale, dropout and route, all
     raised before any computation.
     """
-    if isinstance(weight, QuantizedWeight):
-        if quant_state is not None:
-            raise ValueError("quant_state must be None when weight is a QuantizedWeight (it carries its own)")
-        qw = weight
-    else:
-        qw = QuantizedWeight.from_bnb(weight, quant_state)
+    qw = _weight_and_input(weight, quant_state, x)
     n, k = qw.shape
-    check.tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x's last dim must equal the weight's K: x {tuple(x.shape)}, weight [N, K] = {qw.shape}")
     check.tensor("bias", bias, 1, optional=True)
     check.tensor("lora_a", lora_a, 2)
     check.tensor("lora_b", lora_b, 2)
@@ -192,7 +189,97 @@ def qlora_linear(x, weight, quant_state, bias, lora_a, lora_b, *, scale=1.0, dro
     seed = None
     if dropout > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    y, _ = quantized_lora_linear_op(x2, qw.data, qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset, _pairs(qw),
-                                    n, qw.blocksize, qw.dtype, bias, lora_a, lora_b, scale, dropout, seed,
+    y, _ = quantized_lora_linear_op(x2, *_op_weight(qw), bias, lora_a, lora_b, scale, dropout, seed,
                                     any_requires_grad(x, bias, lora_a, lora_b), route)
+    return y.reshape(*lead, n)
+
+
+def _weight_and_input(weight, quant_state, x) -> QuantizedWeight:
+    """The weight as a :class:`QuantizedWeight`, after checking x [..., K] against it."""
+    if isinstance(weight, QuantizedWeight):
+        if quant_state is not None:
+            raise ValueError("quant_state must be None when weight is a QuantizedWeight (it carries its own)")
+        qw = weight
+    else:
+        qw = QuantizedWeight.from_bnb(weight, quant_state)
+    check.tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"x's last dim must equal the weight's K: x {tuple(x.shape)}, weight [N, K] = {qw.shape}")
+    return qw
+
+
+def _op_weight(qw: QuantizedWeight) -> tuple:
+    """The weight arguments of the ``adaptkern::quantized_*`` ops, from qweight to w_dtype."""
+    return (qw.data, qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset, _pairs(qw), qw.shape[0], qw.blocksize,
+            qw.dtype)
+
+
+def mixed_qlora_linear(x, weight, quant_state, bias, lora_a, lora_b, adapter_ids, *, scales=None, ranks=None,
+                       output_slices=None, validate_ids=True):
+    """LoRA on a bitsandbytes 4-bit weight where every row picks its adapter (serving adapters on
+    a QLoRA base), optionally with one LoRA per output slice.
+
+    Semantics: :func:`adaptkern.mixed.mixed_lora_linear` with W = dequantize_4bit(weight,
+    quant_state) cast to x's dtype: for row m with slot s = adapter_ids[m] in [0, S) and every
+    slice j (columns o_j = N_0 + … + N_{j-1} to o_j + N_j; one slice of all N columns without
+    ``output_slices``)::
+
+        y[m, o_j:o_j+N_j] = x_m·W[o_j:o_j+N_j]ᵀ + b[o_j:o_j+N_j] + scales[s]·(x_m·A_{j,s}[:r_s]ᵀ)·B_{j,s}[:, :r_s]ᵀ
+
+    and a row with id -1 (or, unchecked, any id outside [0, S)) gets exactly the base
+    x_m·Wᵀ + b of ``adaptkern::quantized_linear``. Two fused steps, W never materialised in 16
+    or 32 bits: the 4-bit base GEMM (W dequantized in its K loop) writes y, then
+    ``adaptkern::add_lora_delta_`` (as :func:`adaptkern.serving.add_lora_delta`) adds every
+    row's delta in place. Launches: the base, then one delta launch at decode sizes (the shrink
+    recomputed in the expand, where ``adaptkern.ops.lora_delta.one_launch`` allows it), else two
+    (shrink, expand).
+
+    Shapes: x [M, K] (or [..., K] with adapter_ids [...]); weight a ``Params4bit`` (quant_state
+    None), a packed tensor with its ``QuantState``, or a :class:`QuantizedWeight` (quant_state
+    None), for W [N, K]; bias [N] | None; without output_slices lora_a [S, R_max, K], lora_b
+    [S, N, R_max]; with output_slices (N_0, …, N_{n-1}) summing to N, lora_a and lora_b are
+    sequences of n tensors [S, R_max, K] and [S, N_j, R_max]; adapter_ids [M] int32/int64 (or a
+    list of ints) in [-1, S), or a :class:`~adaptkern.slot_mapping.SlotMapping` of M rows; scales
+    [S] float (None: 1); ranks [S] int in [0, R_max] (None: R_max) -> y [..., N] in x's dtype;
+    M = 0 included.
+
+    Inference only: with grad enabled, inputs that require grad (x, bias, lora_a, lora_b,
+    scales) are refused with ValueError; detach them or run under ``torch.no_grad()``.
+
+    Errors: as :meth:`QuantizedWeight.from_bnb` for the weight; TypeError/ValueError naming the
+    argument and the shapes for the rest, all raised before any computation. The value checks
+    (ids and ranks in range, scales finite in the compute dtype) read tensors on the host;
+    ``validate_ids=False``, torch.compile and CUDA graph capture skip them.
+    """
+    qw = _weight_and_input(weight, quant_state, x)
+    n, k = qw.shape
+    check.tensor("bias", bias, 1, optional=True)
+    check.shape("bias", bias, (n,), "N of the weight")
+    sliced = output_slices is not None
+    a_list = check.slices("lora_a", lora_a, 3, single=not sliced)
+    b_list = check.slices("lora_b", lora_b, 3, single=not sliced)
+    if len(b_list) != len(a_list):
+        raise ValueError(f"lora_a has {len(a_list)} slices but lora_b has {len(b_list)}")
+    widths = check.output_slices(output_slices, len(a_list), n) if sliced else (n,)
+    s, r = check.lora_stacks(a_list, b_list, k, widths)
+    scales = check.slot_vector("scales", scales, s, floating=True, optional=True)
+    ranks = check.slot_vector("ranks", ranks, s, floating=False, optional=True)
+    named = dict(x=x, bias=bias, scales=scales, **{f"lora_a[{i}]": t for i, t in enumerate(a_list)},
+                 **{f"lora_b[{i}]": t for i, t in enumerate(b_list)})
+    check.same_device(dict(named, weight=qw.data, ranks=ranks))
+    if torch.is_grad_enabled():
+        needing = [name for name, t in named.items() if t is not None and t.requires_grad]
+        if needing:
+            raise ValueError(f"mixed_qlora_linear is inference only, but {', '.join(needing)} require grad: detach "
+                             f"them or run under torch.no_grad() (train a QLoRA adapter with qlora_linear)")
+    x = autocast_input(x)
+    acc = acc_dtype(x.dtype)
+    if check.value_checks_enabled(validate_ids):
+        check_slot_values(scales, ranks, r, acc, f"lora_a {tuple(a_list[0].shape)}")
+    x2, lead = flatten_rows(x)
+    ids, sorted_rows, _ = resolve_ids(adapter_ids, x2.shape[0], s, validate=validate_ids, lead=lead, device=x.device)
+    y = quantized_linear_op(x2, *_op_weight(qw), None if bias is None else bias.to(x.dtype))
+    add_lora_delta_op(y, x2, [a.to(x.dtype) for a in a_list], [b.to(x.dtype) for b in b_list],
+                      None if scales is None else scales.to(acc), None if ranks is None else ranks.to(torch.int32),
+                      ids, sorted_rows, 0, None)
     return y.reshape(*lead, n)

@@ -8,7 +8,7 @@ import torch
 
 from adaptkern.ops.adapter_linear import dropout_mask
 from adaptkern.ops.common import use_triton
-from adaptkern.ops.quantized_lora_linear import (code_pairs, code_table, dequantize_4bit_ref,
+from adaptkern.ops.quantized_lora_linear import (code_pairs, code_table, dequantize_4bit_ref, quantized_linear_op,
                                                  quantized_lora_linear_backward_op, quantized_lora_linear_op)
 from adaptkern.ops.quantized_lora_linear.reference import quantized_lora_linear_ref
 from adaptkern.testing import assert_close
@@ -176,6 +176,29 @@ def test_dropout_matches_oracle_with_the_kernels_mask(shape, path_device):
         assert launches[FWD] == 1 and launches[DX] == 1
 
 
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=_shape_id)
+def test_base_only_is_the_split_route_without_its_adapter(shape, dtype, path_device):
+    """``adaptkern::quantized_linear`` (y = x·Wᵀ + b) against the float64 oracle, in one launch of the
+    forward kernel, and bit-equal to the LoRA op on the split route with a zero adapter (same tiles)."""
+    m, k, n, r, blocksize, quant_type, nested = shape
+    args, w_bnb = _quantize(n, k, torch.bfloat16, quant_type, nested, blocksize)
+    x, bias, _, _ = _inputs(m, k, n, r, dtype)
+    dev_args = tuple(a.to(path_device) if isinstance(a, torch.Tensor) else a for a in args)
+    x_d, bias_d = x.to(path_device), bias.to(path_device)
+    with count_launches() as launches:
+        y = quantized_linear_op(x_d, *dev_args, bias_d)
+    assert dict(launches) == ({FWD: 1} if _kernels(path_device) and m else {})
+    eager, oracle, _, _ = eager_and_oracle(torch.nn.functional.linear, (x, w_bnb.to(dtype), bias))
+    assert y.dtype == dtype
+    assert_close("y", oracle, y.cpu(), eager)
+    zero_a = torch.zeros(r, k, dtype=dtype, device=path_device)
+    with_zero_adapter, _ = quantized_lora_linear_op(x_d, *dev_args, bias_d, zero_a, zero_a.new_zeros(n, r), 0.5, 0.0,
+                                                    None, False, "split")
+    assert torch.equal(y, with_zero_adapter)
+
+
 def test_non_contiguous_inputs(path_device):
     m, k, n, r = 21, 64, 40, 6
     args, w_bnb = _quantize(n, k, torch.bfloat16, "nf4", True, 64)
@@ -195,3 +218,4 @@ def test_opcheck(path_device):
     args, _ = _quantize(n, k, torch.float32, "nf4", True, 64)
     x, bias, a_w, b_w = (t.requires_grad_() for t in _inputs(m, k, n, r, torch.float32))
     torch.library.opcheck(quantized_lora_linear_op, (x, *args, bias, a_w, b_w, 0.5, 0.0, None, True, "auto"))
+    torch.library.opcheck(quantized_linear_op, (x.detach(), *args, bias.detach()))  # not differentiable

@@ -5,7 +5,8 @@ loop (``reference.py`` gives the layout and the roundings) and never exists in m
   ``y = x·Wᵀ + b + s·z·Bᵀ``. One-pass (``ONEPASS``): the K loop also accumulates
   ``z = x·Aᵀ`` from the same x tile (the program with ``pid_n == 0`` stores it for backward);
   split: z ``[M, R]`` fp32 was written by a shrink launch (with dropout, when on) and is read
-  in the epilogue.
+  in the epilogue. Base only (``LORA`` off: ``adaptkern::quantized_linear``): ``y = x·Wᵀ + b``,
+  the epilogue's rank product compiled out (z, A and B are never read).
 * ``_quantized_lora_linear_dx_kernel``: ``dX = dY·W + (dZ·A) ⊙ keep/(1-p)``: the rank product
   first, into the one accumulator, then the loop over N dequantizing W ``[BLOCK_K, BLOCK_N]``
   tiles in the order that loop reads them.
@@ -106,7 +107,7 @@ def _quantized_lora_linear_dequant(
 @triton.jit
 def _quantized_lora_linear_fwd_kernel(
     y_ptr,  # [M, N] out, x's dtype
-    z_ptr,  # [M, R] fp32: written (ONEPASS and STORE_Z) or read (split)
+    z_ptr,  # [M, R] fp32: written (ONEPASS and STORE_Z) or read (split); unused without LORA
     x_ptr,  # [M, K]
     qw_ptr,  # [⌈N·K/2⌉] uint8
     absmax_ptr,  # [B] fp32, or uint8 when NESTED
@@ -115,13 +116,13 @@ def _quantized_lora_linear_fwd_kernel(
     offset_ptr,  # [1] fp32 (NESTED)
     pairs_ptr,  # [256] int64: the code pairs of each byte
     bias_ptr,  # [N]
-    aw_ptr,  # [R, K]
-    bw_ptr,  # [N, R]
+    aw_ptr,  # [R, K] (LORA)
+    bw_ptr,  # [N, R] (LORA)
     M, N, K, R,
     stride_ym, stride_yn, stride_zm, stride_zr, stride_xm, stride_xk,
     stride_ar, stride_ak, stride_bn, stride_br, stride_qw,
     scale,
-    HAS_BIAS: tl.constexpr, ONEPASS: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, ONEPASS: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, SCALES: tl.constexpr, MASK: tl.constexpr,
     W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, BITS_BF16: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -159,20 +160,22 @@ def _quantized_lora_linear_fwd_kernel(
             at = tl.load(aw_ptr + rr[None, :] * stride_ar + (k0 + rk)[:, None] * stride_ak, mask=a_mask, other=0.0)
             acc_z = tl.dot(x, at.to(DOT_DTYPE), acc_z, input_precision=PRECISION, out_dtype=ACC)
 
-    z_ptrs = z_ptr + rm[:, None] * stride_zm + rr[None, :] * stride_zr
-    z_mask = m_ok[:, None] & r_ok[None, :]
-    if ONEPASS:
-        if STORE_Z:
-            if pid_n == 0:
-                tl.store(z_ptrs, acc_z, mask=z_mask)
-    else:
-        acc_z = tl.load(z_ptrs, mask=z_mask, other=0.0).to(ACC)
-    bt = tl.load(bw_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                 mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-    if DOT_DTYPE == tl.float16:  # scale·z rounded to fp16 could overflow: scale the fp32 product
-        acc += scale * tl.dot(acc_z.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=ACC)
-    else:
-        acc = tl.dot((scale * acc_z).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+    if LORA:
+        z_ptrs = z_ptr + rm[:, None] * stride_zm + rr[None, :] * stride_zr
+        z_mask = m_ok[:, None] & r_ok[None, :]
+        if ONEPASS:
+            if STORE_Z:
+                if pid_n == 0:
+                    tl.store(z_ptrs, acc_z, mask=z_mask)
+        else:
+            acc_z = tl.load(z_ptrs, mask=z_mask, other=0.0).to(ACC)
+        bt = tl.load(bw_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                     mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        if DOT_DTYPE == tl.float16:  # scale·z rounded to fp16 could overflow: scale the fp32 product
+            acc += scale * tl.dot(acc_z.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            acc = tl.dot((scale * acc_z).to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION,
+                         out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,

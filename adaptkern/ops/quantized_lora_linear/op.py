@@ -13,6 +13,9 @@ Backward (W is frozen: it never gets a gradient; b gets one when it requires it)
 
 Saved for backward: x and z ``[M, R]`` fp32, and the packed weight (no copy).
 
+``adaptkern::quantized_linear`` is the base alone, ``y = x·Wᵀ + b`` (the forward kernel with
+its LoRA epilogue compiled out), for callers that add adapters themselves (mixed batches).
+
 CUDA tensors run the Triton kernels; CPU tensors run ``reference.py`` unless the Triton
 interpreter is on, in which case the kernels run on the CPU.
 """
@@ -61,8 +64,9 @@ def _weight_args(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, 
 
 
 def _plan(cfg, k: int, blocksize: int, dot_dtype: dict, kind: str):
-    """(tiles, launch options) of a 4-bit launch, ``kind`` "split", "onepass" or "dx"; ``cfg`` holds
-    the bf16 GEMM's tiles. Compiled-code facts behind each choice: docs/compiled-code.md.
+    """(tiles, launch options) of a 4-bit launch, ``kind`` "split", "onepass", "base" (planned as
+    "split": the same tiles, so the same sums) or "dx"; ``cfg`` holds the bf16 GEMM's tiles.
+    Compiled-code facts behind each choice: docs/compiled-code.md.
 
     * K % blocksize != 0 (blocks cross rows): every element gathers its byte, code and scale,
       so the W tile shrinks to 64×32 and the loop is not pipelined (a stage of such a 128×64 tile
@@ -80,6 +84,7 @@ def _plan(cfg, k: int, blocksize: int, dot_dtype: dict, kind: str):
     if dt == tl.float32 and dot_dtype["PRECISION"] == "ieee" and not config.interpreting():
         cfg = cfg._replace(block_m=min(cfg.block_m, 64), block_n=min(cfg.block_n, 64), block_k=16, num_warps=4)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kind = "split" if kind == "base" else kind
     if (k % blocksize == 0 and cfg.num_warps == 8 and cfg.block_m * cfg.block_n == 128 * 128
             and (kind == "dx" and dt in (tl.bfloat16, tl.float16) or kind == "split" and dt == tl.bfloat16)):
         opts["maxnreg"] = 128
@@ -114,20 +119,45 @@ def _forward_triton(x, qweight, absmax, nested_absmax, nested_code, offset, pair
              dot_dtype=dot_dtype)
     if n == 0:
         return y, z
-    cfg, opts = _plan(cfg, k, blocksize, dot_dtype, route)
+    _launch_forward(y, x, (qweight, absmax, nested_absmax, nested_code, offset, pairs, blocksize, w_dtype), bias,
+                    cfg, route, dot_dtype, s, a_w, b_w, scale, need_z)
+    return y, z
+
+
+def _launch_forward(y, x, weight, bias, cfg, kind, dot_dtype, s=None, a_w=None, b_w=None, scale=0.0, need_z=False):
+    """One ``_quantized_lora_linear_fwd_kernel`` launch writing y [M, N] (M, N >= 1); ``cfg`` holds
+    the bf16 GEMM's tiles (planned here), ``kind`` is "onepass", "split" or "base" (the LoRA
+    epilogue compiled out: s, a_w, b_w unused). ``weight``: (qweight, absmax, nested_absmax,
+    nested_code, offset, pairs, blocksize, w_dtype)."""
+    (m, k), n = x.shape, y.shape[1]
+    qweight, absmax, nested_absmax, nested_code, offset, pairs, blocksize, w_dtype = weight
+    lora = kind != "base"
+    r = a_w.shape[0] if lora else 0
+    cfg, opts = _plan(cfg, k, blocksize, dot_dtype, kind)
     ptrs, stride_qw, flags = _weight_args(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, k, blocksize,
                                           w_dtype, x.dtype, cfg.block_n, cfg.block_k)
+    zero = (0, 0)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _quantized_lora_linear_fwd_kernel[grid](
-        y, s, x, *ptrs, bias if bias is not None else y, a_w, b_w,
+        y, s if lora else y, x, *ptrs, bias if bias is not None else y, a_w if lora else y, b_w if lora else y,
         m, n, k, r,
-        *y.stride(), *(s.stride() if s.dim() == 2 else (0, 0)), *x.stride(), *a_w.stride(), *b_w.stride(), stride_qw,
+        *y.stride(), *(s.stride() if lora and s.dim() == 2 else zero), *x.stride(),
+        *(a_w.stride() if lora else zero), *(b_w.stride() if lora else zero), stride_qw,
         scale,
-        HAS_BIAS=bias is not None, ONEPASS=onepass, STORE_Z=need_z, **flags,
+        HAS_BIAS=bias is not None, LORA=lora, ONEPASS=kind == "onepass", STORE_Z=need_z, **flags,
         **dot_dtype, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=config.block_r(r),
         GROUP_M=cfg.group_m, enable_fp_fusion=False, **opts,
     )
-    return y, z
+
+
+def _base_triton(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, bias):
+    y = x.new_empty((x.shape[0], n))
+    if x.shape[0]:
+        dot_dtype = dot_flags(x.dtype)
+        cfg = config.gemm_config(x.shape[0], n, elem_size(dot_dtype), device=x.device)
+        _launch_forward(y, x, (qweight, absmax, nested_absmax, nested_code, offset, pairs, blocksize, w_dtype),
+                        None if bias is None else bias.contiguous(), cfg, "base", dot_dtype)
+    return y
 
 
 def _backward_triton(dy, x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype,
@@ -209,6 +239,31 @@ def _(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksiz
       dropout_p, seed, need_z, route):
     m, r = x.shape[0], a_w.shape[0]
     return x.new_empty((m, n)), x.new_empty((m, r) if need_z else (0,), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("adaptkern::quantized_linear", mutates_args=())
+def quantized_linear_op(
+    x: Tensor, qweight: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+    offset: Optional[Tensor], pairs: Tensor, n: int, blocksize: int, w_dtype: torch.dtype, bias: Optional[Tensor],
+) -> Tensor:
+    """Semantics: y = x·Wᵀ + b, the base GEMM of ``adaptkern::quantized_lora_linear`` alone: one
+    launch of its forward kernel with the LoRA epilogue compiled out (W dequantized in the K
+    loop, never materialised), on the split route's tiles, so its sums are those of that route.
+
+    Shapes: x [M, K], the weight tensors as in ``quantized_lora_linear_op``, bias [N] | None ->
+    y [M, N] in x's dtype. Not differentiable (no autograd is registered: callers refuse inputs
+    that require grad). Validated by the callers (``adaptkern.quantized``).
+    """
+    if use_triton(x):
+        return _base_triton(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype,
+                            bias)
+    w = _dequantize(qweight, absmax, nested_absmax, nested_code, offset, pairs, n, x.shape[1], blocksize, w_dtype)
+    return reference.quantized_linear_forward(x, w, bias)
+
+
+@quantized_linear_op.register_fake
+def _(x, qweight, absmax, nested_absmax, nested_code, offset, pairs, n, blocksize, w_dtype, bias):
+    return x.new_empty((x.shape[0], n))
 
 
 @torch.library.custom_op("adaptkern::quantized_lora_linear_backward", mutates_args=())

@@ -100,6 +100,15 @@ def quantized_lora_linear_forward(x, w_dequant, bias, lora_a, lora_b, scale, kee
                                   keep, dropout_p, need_z)
 
 
+def quantized_linear_forward(x, w_dequant, bias):
+    """Semantics: y = x·Wᵀ + b (the base alone), W = ``w_dequant`` cast to x's dtype, summed in
+    float32 (float64 for float64 x): the CPU path of ``adaptkern::quantized_linear``.
+    Shapes: x [M, K], w_dequant [N, K], bias [N] | None -> y [M, N] in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc) @ w_dequant.to(x.dtype).to(acc).t()
+    return (y if bias is None else y + bias.to(acc)).to(x.dtype)
+
+
 def quantized_lora_linear_backward(dy, x, w_dequant, lora_a, lora_b, z, scale, keep, dropout_p, needs):
     """The CPU path of the op's backward: gradients of (x, bias, lora_a, lora_b) for ``needs``
     (four bools), float32 (float64 for float64 inputs), None where not needed."""
