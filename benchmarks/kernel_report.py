@@ -25,8 +25,8 @@ Ceilings (``--check``; tests/ops/test_compiled_code.py runs it in CI):
   through cp.async (no plain LDG in the loop) — shapes not divisible by 16 excepted (group
   "unaligned": no 16-byte alignment can be proven, so loads go through registers);
 * every 16-bit launch with BLOCK_M >= 64 runs its dots on wgmma (no mma.sync);
-* the hot GEMM launches (split main GEMM, dX, one-pass, mixed linear at M=8192) use at
-  most 110 % of the reference matmul's registers and reach its CTAs per SM.
+* the hot GEMM launches (split main GEMM, dX, one-pass, mixed linear (one slice and q/k/v) at
+  M=8192) use at most 110 % of the reference matmul's registers and reach its CTAs per SM.
 * 4-bit base launches (group "quantized", ``adaptkern.quantized.qlora_linear``): the spill,
   shared-memory and wgmma ceilings; not the cp.async one (the double-quantized scale is a
   1-byte gather per row and tile, the packed bytes of a two-stage loop a plain 16-byte load).
@@ -64,8 +64,10 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from adaptkern import functional as F  # noqa: E402
 from adaptkern import mixed as MX  # noqa: E402
+from adaptkern import serving as SV  # noqa: E402
 from adaptkern.ops import config  # noqa: E402
 from adaptkern.ops.adapter_linear import op as AL  # noqa: E402
+from adaptkern.ops.lora_delta import op as LD  # noqa: E402
 from adaptkern.ops.mixed_adapter_linear import op as MAL  # noqa: E402
 
 ARCH = 90
@@ -105,7 +107,7 @@ class Launch:
 def capturing(record: list):
     """Launchers take their Triton path on CPU tensors; every JIT launch is recorded, not run."""
     patches = [(JITFunction, "run", None), (AL, "use_triton", lambda x: True), (MAL, "use_triton", lambda x: True),
-               (QL, "use_triton", lambda x: True)]
+               (QL, "use_triton", lambda x: True), (LD, "use_triton", lambda x: True)]
 
     def run(self, *args, grid, warmup, **kwargs):
         record.append((self, tuple(grid) if not callable(grid) else grid, args, kwargs))
@@ -151,8 +153,10 @@ _OPERANDS = {  # the two input operands of each kernel (positional indices)
 }
 
 
-def _role(fn, args, names) -> str:
+def _role(fn, args, kwargs, names) -> str:
     kname = fn.fn.__name__
+    if kname == "_mixed_adapter_linear_kernel" and not kwargs.get("BASE", True):  # the serving delta
+        return "delta one-launch" if kwargs.get("FUSED_SHRINK") else "delta expand"
     if kname not in _OPERANDS:
         return kname.strip("_")
     # a tuple operand (the slices of a packed projection) is named by its first slice
@@ -182,7 +186,7 @@ def _run_scenario(name, body, hot_roles=()) -> list[Launch]:
     names = _names(tensors)
     out = []
     for fn, grid, args, kwargs in record:
-        role = _role(fn, args, names)
+        role = _role(fn, args, kwargs, names)
         out.append(Launch(name, role, fn, grid, args, kwargs, hot=role in hot_roles))
     return out
 
@@ -243,6 +247,17 @@ def _mixed_slices(m, k, widths, r, s, dtype):
     return body
 
 
+def _delta(m, k, widths, r, s, dtype):
+    """Serving delta into an engine's buffer: ``serving.add_lora_delta`` (one launch or two, its choice)."""
+    def body(t):
+        x, y = torch.empty(m, k, dtype=dtype), torch.empty(m, sum(widths), dtype=dtype)
+        a_list = [torch.empty(s, r, k, dtype=dtype) for _ in widths]
+        b_list = [torch.empty(s, n, r, dtype=dtype) for n in widths]
+        t.update(x=x, A=a_list[0], B=b_list[0], dY=y)
+        SV.add_lora_delta(y, x, a_list, b_list, torch.randint(-1, s, (m,), dtype=torch.int32), scales=torch.ones(s))
+    return body
+
+
 def _dropout_mask(m, k, p):
     def body(t):
         AL.dropout_mask(torch.tensor([1234], dtype=torch.int64), m, k, p)
@@ -267,8 +282,11 @@ def scenarios(quick: bool = False):
     yield "mixed S32 r16 M64 decode", _mixed(64, K, N, 16, 32, bf), (), "report"
     yield "mixed S32 r16 M16 decode", _mixed(16, K, N, 16, 32, bf), (), "report"
     qkv = (K, K // 4, K // 4)  # grouped-query attention: q 4096, k 1024, v 1024
-    yield "mixed qkv S32 r16 M8192", _mixed_slices(8192, K, qkv, 16, 32, bf), (), "report"
+    yield "mixed qkv S32 r16 M8192", _mixed_slices(8192, K, qkv, 16, 32, bf), HOT, "report"
     yield "mixed qkv S32 r16 M64 decode", _mixed_slices(64, K, qkv, 16, 32, bf), (), "report"
+    yield "delta v S32 r16 M4 decode", _delta(4, K, (K // 4,), 16, 32, bf), (), "report"  # one launch
+    yield "delta qkv S32 r16 M4 decode", _delta(4, K, qkv, 16, 32, bf), (), "report"  # shrink + expand
+    yield "delta qkv S32 r16 M2048", _delta(2048, K, qkv, 16, 32, bf), (), "report"
     yield from quantized_scenarios(quick)
     if quick:
         return

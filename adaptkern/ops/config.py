@@ -372,6 +372,11 @@ class MixedPlan(NamedTuple):
     shrink_block_k: int = 0
     shrink_warps: int = 0
     shrink_stages: int = 0
+    # The expand's own tiles (no base GEMM; 0: the linear kernel's). Memory-bound, no K loop:
+    # 64×64 on 4 warps holds 96 registers (5 CTAs/SM) where 128×128 on 8 warps held 156 (1).
+    expand_block_m: int = 0
+    expand_block_n: int = 0
+    expand_warps: int = 0
 
 
 MIXED_SORT_MIN_M = 64
@@ -395,7 +400,8 @@ def _mixed_cached(m: int, k: int, br: int, elem: int, interpret: bool, gpu: Opti
     if sort_rows:
         shrink = fit(GemmConfig(32, tile_r, 128, 1, 4, 4), elem)
     return MixedPlan(sort_rows, split, cfg.block_m, cfg.block_n, cfg.block_k, tile_r, cfg.num_warps, cfg.num_stages,
-                     shrink.block_m, shrink.block_k, shrink.num_warps, shrink.num_stages)
+                     shrink.block_m, shrink.block_k, shrink.num_warps, shrink.num_stages,
+                     min(cfg.block_m, 64), min(cfg.block_n, 64), 4)
 
 
 def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> MixedPlan:
@@ -411,5 +417,6 @@ def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> 
     * A table entry (keyed by the K bucket and block_r(max_rank)) sets the tiles, warps,
       stages and optionally the split; the row sort and the rank tile stay as above.
     * With sorted rows the shrink has tiles of its own (``shrink_*``): 32 rows, BLOCK_K 128.
+    * The expand alone (no base GEMM) has tiles of its own (``expand_*``): at most 64×64, 4 warps.
     """
     return _mixed_cached(max(m, 1), k, block_r(max_rank), elem, interpreting(), _gpu(device))

@@ -19,11 +19,13 @@ pytest.importorskip("triton.backends.nvidia", reason="this triton build has no N
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_report.py"
 HOT = ("split main x·Wᵀ+S·Bᵀ", "bwd dX=dY·W+dZ·A", "one-pass", "mixed linear")
 # Ceilings not met yet: (ceiling, hot role) -> the fix that is missing.
-KNOWN = {
-    ("regs", "mixed linear"): "126 registers against the reference matmul's 112 (+12.5 %; its 2 CTAs/SM are "
-                              "reached): the gathered row indices and slot ids of the row block stay live across "
-                              "the K loop for the epilogue and the store (the K loop alone takes 122). Missing: an "
-                              "epilogue that re-derives them after the loop (Triton's CSE merges a plain reload).",
+KNOWN: dict = {}
+# Ceilings not met yet by other launches: (ceiling, role) -> the fix that is missing.
+KNOWN_LAUNCHES = {
+    ("async", "delta expand"): "2 plain LDG per iteration of the expand's slot loop (the serving delta's second "
+                               "launch, M=4 and M=2048): the B_s tile of each present slot and its scale. The expand "
+                               "has no K loop; its slot loop (a while over the slots of the row block) is not "
+                               "software-pipelined. Missing: a pipelined loop over the block's slot range.",
 }
 
 
@@ -50,6 +52,8 @@ def test_report_compiles_every_launch(report, capsys):
     assert any("dropout" in s for s in scenarios) and any("mixed" in s for s in scenarios)
     for role in HOT:
         assert any(r["role"] == role and r["hot"] for r in rows), f"no hot {role} launch in the report"
+    # the packed q/k/v projection is a hot launch too (2 CTAs/SM, within 10 % of the reference)
+    assert any(r["role"] == "mixed linear" and r["hot"] and "qkv" in r["scenario"] for r in rows)
 
 
 @pytest.mark.parametrize("kind", ["spill", "smem", "async", "wgmma"])
@@ -57,8 +61,22 @@ def test_every_launch(report, kind):
     """No 16-bit launch spills (dropout included); every launch fits the shared memory of a
     block; every 16-bit launch streams its K loop through cp.async; every 16-bit launch with
     BLOCK_M >= 64 runs its dots on wgmma."""
-    bad = _failing(report[1], kind)
+    known = [f" / {role}:" for k, role in KNOWN_LAUNCHES if k == kind]
+    bad = [f for f in _failing(report[1], kind) if not any(tag in f for tag in known)]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("kind,role", [pytest.param(*key, marks=pytest.mark.xfail(strict=True, reason=why))
+                                       for key, why in KNOWN_LAUNCHES.items()])
+def test_known_gaps_of_other_launches(report, kind, role):
+    assert any(r["role"] == role for r in report[1]), f"no {role} launch in the report"
+    bad = _failing(report[1], kind, role)
+    assert not bad, "\n".join(bad)
+
+
+def test_serving_delta_launches_are_reported(report):
+    roles = {r["role"] for r in report[1] if r["scenario"].startswith("delta")}
+    assert {"delta one-launch", "delta expand"} <= roles, roles
 
 
 def test_unaligned_shapes_do_not_spill(report):

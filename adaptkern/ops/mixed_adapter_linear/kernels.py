@@ -16,10 +16,11 @@ that use that slot and rows of other slots receive an exact zero:
   (partials are reduced in a fixed order by the consumer: no atomics, so the forward is
   bitwise reproducible and batch invariant). With ``SCALE`` and one split it is the
   serving stacks' shrink (``lora_shrink``).
-* ``_mixed_adapter_linear_kernel``: ``y = x·Wᵀ + b`` on a row block (``BASE``; or y's own values,
-  ``ADD``), then per present slot and slice ``z = ΣP + a_s`` → ``f_s`` → ``·B_{i,s}ᵀ`` in the
-  epilogue; y is written once. Without ``BASE`` it is the expand of serving stacks; with
-  ``FUSED_SHRINK`` it recomputes z from x and A itself (the one-launch delta at decode).
+* ``_mixed_adapter_linear_kernel``: per slice and present slot ``z = ΣP + a_s`` → ``f_s`` →
+  ``·B_{i,s}ᵀ`` into the accumulator (which starts at zero, or at y's own values, ``ADD``), then
+  ``+ x·Wᵀ + b`` on the row block (``BASE``); y is written once. Without ``BASE`` it is the
+  expand of serving stacks; with ``FUSED_SHRINK`` it recomputes z from x and A itself (the
+  one-launch delta at decode).
 * ``_mixed_adapter_linear_segment_kernel``: per-slot reductions over that slot's rows for backward
   (``dA_s = Σ dZᵀ·x``, ``dB_s = scale_s·Σ dYᵀ·f(z)``).
 
@@ -72,6 +73,18 @@ def _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M: tl.constexpr, SORTED: t
     slots = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
     slots = tl.where((slots >= 0) & (slots < S), slots, -1)
     return rows.to(tl.int64), ok, slots
+
+
+@triton.jit
+def _rows_again(pid_m, perm_ptr, M, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
+    """The rows of _block_rows, derived anew from the block's first position: a load Triton's
+    CSE does not merge with _block_rows' (a plain reload would be, and held across loops)."""
+    i = tl.arange(0, BLOCK_M)
+    left = M - pid_m * BLOCK_M
+    rows = tl.where(i < left, pid_m * BLOCK_M + i, 0)
+    if SORTED:
+        rows = tl.load(perm_ptr + pid_m * BLOCK_M + i, mask=i < left, other=0)
+    return rows.to(tl.int64)
 
 
 @triton.jit
@@ -155,7 +168,7 @@ def _mixed_adapter_linear_kernel(
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_ACTS: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    R_TILES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows, ok, slots = _block_rows(pid_m, perm_ptr, ids_ptr, M, S, BLOCK_M, SORTED)
@@ -168,12 +181,97 @@ def _mixed_adapter_linear_kernel(
                       mask=ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # The adapter part first: the K loop below then continues this accumulator, and only the
+    # accumulator and the K loop's pointers stay live across it (the rows are loaded anew for
+    # the K loop and the store). Per slice and rank tile (R_TILES = ⌈R / BLOCK_R⌉, static), z
+    # of the block's rows is read once; each present slot takes its own rows of it (other rows:
+    # exact zeros) into one dot.
+    for i in tl.static_range(NS):
+        b_ptr = b_ptrs[i]
+        stride_bs, stride_bn, stride_br = b_strides[3 * i], b_strides[3 * i + 1], b_strides[3 * i + 2]
+        if NS == 1:
+            cn, c_ok, r_hi = rn, n_ok, R
+        else:  # this tile's columns of slice i; a tile that meets no column of it skips it
+            cn = rn - col_starts[i]
+            c_ok = (cn >= 0) & (cn < col_widths[i])
+            meets = (pid_n * BLOCK_N < col_starts[i] + col_widths[i]) & (pid_n * BLOCK_N + BLOCK_N > col_starts[i])
+            r_hi = tl.where(meets, R, 0)
+        for t in tl.static_range(R_TILES):
+            r0 = t * BLOCK_R
+            rr = r0 + tl.arange(0, BLOCK_R)
+            z_rows = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+            if not FUSED_SHRINK:  # rows without a slot hold zeros; masked per slot below
+                for sp in tl.range(0, SPLIT, num_stages=1):
+                    z_rows += tl.load(p_ptr + i * stride_ps + sp * stride_pp + rows[:, None] * stride_pm
+                                      + rr[None, :], mask=ok[:, None] & (rr < r_hi)[None, :], other=0.0)
+            s = tl.where(r_hi > 0, _next_slot(slots, -1), NO_SLOT)
+            while s < NO_SLOT:
+                s64 = s.to(tl.int64)
+                rank = R
+                if HAS_RANKS:
+                    rank = tl.load(ranks_ptr + s)
+                if r0 < rank:  # a slot's real rank bounds its rank tiles
+                    sel = ok & (slots == s)
+                    r_ok = rr < rank
+                    zmask = sel[:, None] & r_ok[None, :]
+                    scale = 1.0
+                    if HAS_SCALES:
+                        scale = tl.load(scales_ptr + s)
+                    if FUSED_SHRINK:  # decode: recompute x·A_{i,s}ᵀ here rather than launch a shrink
+                        a_ptr = a_ptrs[i]
+                        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+                        for k0 in range(0, K, BLOCK_K):
+                            kk = k0 + rk
+                            k_ok = kk < K
+                            xs = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                                         mask=sel[:, None] & k_ok[None, :], other=0.0)
+                            at = tl.load(a_ptr + s64 * a_strides[3 * i] + rr[None, :] * a_strides[3 * i + 1]
+                                         + kk[:, None] * a_strides[3 * i + 2],
+                                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+                            z = tl.dot(xs.to(DOT_DTYPE), at.to(DOT_DTYPE), z, input_precision=PRECISION,
+                                       out_dtype=ACC)
+                        z = tl.where(zmask, z, 0.0)
+                    else:
+                        z = tl.where(zmask, z_rows, 0.0)
+                    if HAS_AB:
+                        ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
+                        z = tl.where(zmask, z + ab[None, :], 0.0)
+                    if STORE_Z:
+                        if pid_n == col_starts[i] // BLOCK_N:  # the tile holding the slice's first column
+                            tl.store(z_ptr + i * M * R + rows[:, None] * R + rr[None, :], z, mask=zmask)
+                    if HAS_ACTS:
+                        z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
+                    bt = tl.load(b_ptr + s64 * stride_bs + cn[None, :] * stride_bn + rr[:, None] * stride_br,
+                                 mask=c_ok[None, :] & r_ok[:, None], other=0.0)
+                    if DOT_DTYPE == tl.float16:
+                        # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
+                        # scale must not reach rows of other slots through 0·inf.
+                        acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
+                                                                     input_precision=PRECISION, out_dtype=ACC), 0.0)
+                    else:
+                        # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
+                        # slots get exact zeros, so a non-finite scale stays in its own rows.
+                        zs = tl.where(sel[:, None], scale * z, 0.0)
+                        acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION,
+                                     out_dtype=ACC)
+                s = _next_slot(slots, s)
+    if HAS_BB:  # one slice only
+        s = _next_slot(slots, -1)
+        while s < NO_SLOT:
+            scale = 1.0
+            if HAS_SCALES:
+                scale = tl.load(scales_ptr + s)
+            bb = tl.load(bb_ptr + s.to(tl.int64) * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
+            acc += tl.where((ok & (slots == s))[:, None], scale * bb[None, :], 0.0)
+            s = _next_slot(slots, s)
+
     if BASE:
-        # Rows past M read row 0 (_block_rows) and, for a row-major W, columns past N column
-        # N-1, dropped at the store: the K loop masks K only, and its pointers advance by
-        # BLOCK_K (200 → 126 registers with the epilogue below, benchmarks/kernel_report.py).
+        # Rows past M read row 0 and, for a row-major W, columns past N column N-1, dropped at
+        # the store: the K loop masks K only, and its pointers advance by BLOCK_K. The rows are
+        # loaded anew, here and for the store, so that none is held across the adapter part or
+        # the K loop (200 → 118 registers, benchmarks/kernel_report.py).
         rn_ld, wn_ok = load_rows(rn, N, unit(stride_wk))
-        x_ptrs = x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk
+        x_ptrs = x_ptr + _rows_again(pid_m, perm_ptr, M, BLOCK_M, SORTED)[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + rn_ld[None, :] * stride_wn + rk[:, None] * stride_wk
         for k0 in range(0, K, BLOCK_K):
             k_ok = rk < K - k0
@@ -182,76 +280,16 @@ def _mixed_adapter_linear_kernel(
             acc = tl.dot(x.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+
+    if BASE:  # a load unlike the two above (other=-1, masked off anyway), so none is merged with it
+        jj = tl.arange(0, BLOCK_M) + pid_m * BLOCK_M
+        ok = jj < M
+        rows = jj
+        if SORTED:
+            rows = tl.load(perm_ptr + jj, mask=ok, other=-1)
+        rows = rows.to(tl.int64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
-
-    s = _next_slot(slots, -1)
-    while s < NO_SLOT:
-        s64 = s.to(tl.int64)
-        rank = R
-        if HAS_RANKS:
-            rank = tl.load(ranks_ptr + s)
-        sel = ok & (slots == s)
-        scale = 1.0
-        if HAS_SCALES:
-            scale = tl.load(scales_ptr + s)
-        for i in tl.static_range(NS):
-            b_ptr = b_ptrs[i]
-            stride_bs, stride_bn, stride_br = b_strides[3 * i], b_strides[3 * i + 1], b_strides[3 * i + 2]
-            if NS == 1:
-                cn, c_ok, r_end = rn, n_ok, rank
-            else:  # this tile's columns of slice i; a tile that meets no column of it skips it
-                cn = rn - col_starts[i]
-                c_ok = (cn >= 0) & (cn < col_widths[i])
-                meets = (pid_n * BLOCK_N < col_starts[i] + col_widths[i]) & (pid_n * BLOCK_N + BLOCK_N > col_starts[i])
-                r_end = tl.where(meets, rank, 0)
-            # a slot's real rank bounds its rank loop; one or two iterations: not pipelined
-            for r0 in tl.range(0, r_end, BLOCK_R, num_stages=1):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_ok = rr < rank
-                zmask = sel[:, None] & r_ok[None, :]
-                z = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-                if FUSED_SHRINK:  # decode: recompute x·A_{i,s}ᵀ here rather than launch a shrink
-                    a_ptr = a_ptrs[i]
-                    for k0 in range(0, K, BLOCK_K):
-                        kk = k0 + rk
-                        k_ok = kk < K
-                        xs = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-                                     mask=sel[:, None] & k_ok[None, :], other=0.0)
-                        at = tl.load(a_ptr + s64 * a_strides[3 * i] + rr[None, :] * a_strides[3 * i + 1]
-                                     + kk[:, None] * a_strides[3 * i + 2],
-                                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-                        z = tl.dot(xs.to(DOT_DTYPE), at.to(DOT_DTYPE), z, input_precision=PRECISION, out_dtype=ACC)
-                    z = tl.where(zmask, z, 0.0)
-                else:
-                    for sp in tl.range(0, SPLIT, num_stages=1):
-                        z += tl.load(p_ptr + i * stride_ps + sp * stride_pp + rows[:, None] * stride_pm + rr[None, :],
-                                     mask=zmask, other=0.0)
-                if HAS_AB:
-                    ab = tl.load(ab_ptr + s64 * stride_abs + rr * stride_abr, mask=r_ok, other=0.0).to(ACC)
-                    z = tl.where(zmask, z + ab[None, :], 0.0)
-                if STORE_Z:
-                    if pid_n == col_starts[i] // BLOCK_N:  # the tile holding the slice's first column
-                        tl.store(z_ptr + i * M * R + rows[:, None] * R + rr[None, :], z, mask=zmask)
-                if HAS_ACTS:
-                    z = tl.where(zmask, _act_by_code(z, tl.load(acts_ptr + s)), 0.0)
-                bt = tl.load(b_ptr + s64 * stride_bs + cn[None, :] * stride_bn + rr[:, None] * stride_br,
-                             mask=c_ok[None, :] & r_ok[:, None], other=0.0)
-                if DOT_DTYPE == tl.float16:
-                    # scaled in ACC after the dot: scale·z in fp16 could overflow, and a non-finite
-                    # scale must not reach rows of other slots through 0·inf.
-                    acc += tl.where(sel[:, None], scale * tl.dot(z.to(DOT_DTYPE), bt.to(DOT_DTYPE),
-                                                                 input_precision=PRECISION, out_dtype=ACC), 0.0)
-                else:
-                    # Into the one accumulator (no second BLOCK_M×BLOCK_N fp32 tile); rows of other
-                    # slots get exact zeros, so a non-finite scale stays in its own rows.
-                    zs = tl.where(sel[:, None], scale * z, 0.0)
-                    acc = tl.dot(zs.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BB:
-            bb = tl.load(bb_ptr + s64 * stride_bbs + rn * stride_bbn, mask=n_ok, other=0.0).to(ACC)
-            acc += tl.where(sel[:, None], scale * bb[None, :], 0.0)
-        s = _next_slot(slots, s)
-
     row_ok = ok & (slots >= 0) if ADD else ok  # adding: rows without a slot are not written
     tl.store(y_ptr + rows[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])

@@ -14,7 +14,7 @@ With output slices (one LoRA per slice of a packed projection: a_all and b_all a
 owns y's columns [N_0 + … + N_{i-1}, … + N_i)) every slice runs in the same two launches; backward
 adds one shrink and two segment launches per slice, and dX = dY·W + Σ_i dZ_i·A_i stays one launch.
 
-Two launches forward (shrink, then base GEMM + per-slot epilogue), plus the row sort above
+Two launches forward (shrink, then per-slot adapter part + base GEMM), plus the row sort above
 ``config.MIXED_SORT_MIN_M`` rows. One launch for decode was the first plan; recomputing
 ``x·A_sᵀ`` in every N tile would re-read every adapter's A N/BLOCK_N times (32× at N=4096),
 so the shrink stays a launch of its own. Nothing syncs with the host: the slot metadata
@@ -99,7 +99,7 @@ def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias
     """y (=|+=) x·Wᵀ + b + per slot and slice scale_s·(f_s(z)·B_{i,s}ᵀ + c_s), y [M, N] written once.
 
     parts: [NS, SPLIT, M, R] fp32 z partials (unit stride in R), or None with ``a_views`` (z = x·A_{i,s}ᵀ
-    recomputed in the epilogue); weight None: no base GEMM (x is then only read for the recompute);
+    recomputed per slot in the kernel); weight None: no base GEMM (x is then only read for the recompute);
     b_views: NS × [S, N_i, R] any strides; cols: (starts, widths) of the slices in y's columns
     (default: one after another).
     """
@@ -113,6 +113,8 @@ def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias
     dummy = y
     p_strides = parts.stride()[:3] if parts is not None else (0, 0, 0)
     fused = parts is None
+    if weight is None and not fused and plan.expand_block_m:  # the expand alone: its own tiles
+        plan = plan._replace(block_m=plan.expand_block_m, block_n=plan.expand_block_n, num_warps=plan.expand_warps)
     grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n),)
     _mixed_adapter_linear_kernel[grid](
         y, z if z is not None else dummy, x, weight if weight is not None else dummy,
@@ -130,7 +132,8 @@ def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias
         HAS_BIAS=bias is not None, HAS_AB=a_bias is not None, HAS_BB=b_bias is not None,
         HAS_SCALES=scales is not None, HAS_RANKS=ranks is not None, HAS_ACTS=acts is not None,
         STORE_Z=z is not None, **dot_flags(x.dtype),
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r, GROUP_M=8,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r,
+        R_TILES=triton.cdiv(r, plan.block_r), GROUP_M=8,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return y
