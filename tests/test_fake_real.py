@@ -6,10 +6,11 @@ memory (the mixed op returned z as [0] on the reference path while its fake said
 
 For each op found in adaptkern/ops/*.py (the list is enumerated from the dispatcher, and a test fails when an
 op has no cases here), on the kernel path (Triton interpreter on CPU, the GPU when there is one) and on the
-reference path, with need_z / needs on and off and inputs that do or do not require grad, in fp32, bf16 and
-fp64, with M > 0 and M = 0: the op runs for real and under FakeTensorMode (inputs converted with
-``from_tensor``); every output must agree in shape, dtype, device and strides (on dims longer than 1). Then
-``torch.library.opcheck`` runs the op's schema, autograd-registration, fake-tensor and AOT-dispatch checks.
+reference path, with need_z (DoRA: need_s, need_p) / needs on and off and inputs that do or do not require
+grad, in fp32, bf16 and fp64, with M > 0 and M = 0: the op runs for real and under FakeTensorMode (inputs
+converted with ``from_tensor``); every output must agree in shape, dtype, device and strides (on dims longer
+than 1). Then ``torch.library.opcheck`` runs the op's schema, autograd-registration, fake-tensor and
+AOT-dispatch checks.
 """
 
 from __future__ import annotations
@@ -150,10 +151,115 @@ def embedding_args(dev, dtype, m, grad, mapping=False):
             torch.tensor([3, 1, 2], dtype=torch.int32, device=dev), ids, sorted_rows]
 
 
+def dora_args(dev, dtype, m, grad, need_s=True, need_p=True, dropout=0.0):
+    g = torch.Generator().manual_seed(6)
+    x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
+    w, b = _rnd(g, N, K, dtype=dtype, device=dev, grad=grad), _rnd(g, N, dtype=dtype, device=dev, grad=grad)
+    a_w, b_w = _rnd(g, R, K, dtype=dtype, device=dev, grad=grad), _rnd(g, N, R, dtype=dtype, device=dev, grad=grad)
+    mag = (1.0 + _rnd(g, N, dtype=torch.float32, device="cpu")).to(dtype=dtype, device=dev).requires_grad_(grad)
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev) if dropout else None
+    return [x, w, b, a_w, b_w, mag, 0.5, dropout, seed, need_s, need_p]
+
+
+def dora_backward_args(dev, dtype, m, needs, grad, dropout=0.0):
+    fwd = dora_args(dev, dtype, m, False, dropout=dropout)
+    y, norm, s, p = op("dora_linear")(*fwd)
+    dy = _rnd(torch.Generator().manual_seed(7), m, N, dtype=dtype, device=dev, grad=grad)
+    x, w, b, a_w, b_w, mag, scale, _, seed = fwd[:9]
+    y = y if not dropout else y.new_empty(0)  # as the autograd wrapper saves it: y is read without dropout only
+    return [dy, x.requires_grad_(grad), w, b, a_w, b_w, mag, norm, s, p, y, scale, dropout, seed, list(needs)]
+
+
+BLOCKSIZE = 32  # blocks of the flat [N, K] weight cross its rows (N·K = 42)
+
+
+def quantized_args(dev, dtype, m, need_z, grad, route="auto", nested=False, dropout=0.0):
+    """Packed 4-bit NF4 weight [N, K] as plain tensors (random codes and scales: any bytes are a weight)."""
+    from adaptkern.ops.quantized_lora_linear import code_pairs, code_table
+
+    g = torch.Generator().manual_seed(8)
+    x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
+    qweight = torch.randint(0, 256, ((N * K + 1) // 2,), generator=g, dtype=torch.uint8).to(dev)
+    blocks = -(-N * K // BLOCKSIZE)
+    if nested:
+        absmax = torch.randint(0, 256, (blocks,), generator=g, dtype=torch.uint8).to(dev)
+        extra = [torch.rand(1, generator=g).to(dev) + 0.5, torch.linspace(-1, 1, 256).to(dev),
+                 torch.tensor([0.25], device=dev)]
+    else:
+        absmax, extra = (torch.rand(blocks, generator=g) + 0.5).to(dev), [None, None, None]
+    b = _rnd(g, N, dtype=dtype, device=dev, grad=grad)
+    a_w, b_w = _rnd(g, R, K, dtype=dtype, device=dev, grad=grad), _rnd(g, N, R, dtype=dtype, device=dev, grad=grad)
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev) if dropout else None
+    return [x, qweight, absmax, *extra, code_pairs(code_table("nf4", dev)), N, BLOCKSIZE, torch.bfloat16, b, a_w, b_w,
+            0.5, dropout, seed, need_z, route]
+
+
+def quantized_base_args(dev, dtype, m, nested=False, bias=True):
+    """The base-only 4-bit op takes quantized_lora_linear's first eleven inputs (not differentiable: no grad)."""
+    args = quantized_args(dev, dtype, m, False, False, nested=nested)[:11]
+    return args if bias else [*args[:10], None]
+
+
+def quantized_backward_args(dev, dtype, m, needs, grad, nested=False, dropout=0.0):
+    fwd = quantized_args(dev, dtype, m, True, False, nested=nested, dropout=dropout)
+    _, z = op("quantized_lora_linear")(*fwd)
+    dy = _rnd(torch.Generator().manual_seed(9), m, N, dtype=dtype, device=dev, grad=grad)
+    x, *weight_args, bias, a_w, b_w, scale, dropout_p, seed, _, _ = fwd
+    needs = [need and t is not None for need, t in zip(needs, (x, bias, a_w, b_w))]
+    return [dy, x.requires_grad_(grad), *weight_args, a_w, b_w, z, scale, dropout_p, seed, needs]
+
+
+# the AdapterHub placements bottleneck_norm fuses: (has weight, adapter_input, (c_h, c_r, c_n), norm, final_norm)
+NORM_SETUPS = {
+    "pfeiffer": (True, "norm", (1.0, 1.0, 0.0), "layernorm", True),
+    "llama-sum": (True, "sum", (1.0, 1.0, 0.0), "none", False),
+    "parallel-rms": (True, "residual", (1.0, 1.0, 0.0), "rmsnorm", True),
+    "no-weight": (False, "output", (1.0, 0.5, 0.25), "layernorm", False),
+}
+
+
+def bottleneck_norm_args(dev, dtype, m, grad, setup="pfeiffer", column_scale=False):
+    has_w, adapter_input, (c_h, c_r, c_n), norm, final_norm = NORM_SETUPS[setup]
+    g = torch.Generator().manual_seed(10)
+    x = _rnd(g, m, K if has_w else N, dtype=dtype, device=dev, grad=grad)
+    w = _rnd(g, N, K, dtype=dtype, device=dev, grad=grad) if has_w else None
+    b = _rnd(g, N, dtype=dtype, device=dev, grad=grad) if has_w else None
+    residual = _rnd(g, m, N, dtype=dtype, device=dev, grad=grad)
+    down_w, down_b = _rnd(g, R, N, dtype=dtype, device=dev, grad=grad), _rnd(g, R, dtype=dtype, device=dev, grad=grad)
+    up_w, up_b = _rnd(g, N, R, dtype=dtype, device=dev, grad=grad), _rnd(g, N, dtype=dtype, device=dev, grad=grad)
+    scale = _rnd(g, N if column_scale else 1, dtype=dtype, device=dev, grad=grad)
+    gamma, beta = (None, None) if norm == "none" else (_rnd(g, N, dtype=dtype, device=dev, grad=grad),
+                                                        _rnd(g, N, dtype=dtype, device=dev, grad=grad))
+    return [x, w, b, residual, down_w, down_b, up_w, up_b, scale, gamma, beta, "gelu", adapter_input, c_h, c_r, c_n,
+            norm, final_norm, 1e-5]
+
+
+def bottleneck_norm_backward_args(dev, dtype, m, needs, grad, setup="pfeiffer"):
+    fwd = bottleneck_norm_args(dev, dtype, m, False, setup)
+    _, h, p, stats = op("bottleneck_norm")(*fwd)
+    dy = _rnd(torch.Generator().manual_seed(11), m, N, dtype=dtype, device=dev, grad=grad)
+    tensors, consts = fwd[:11], fwd[11:]
+    needs = [need and t is not None for need, t in zip(needs, tensors)]
+    return [dy, tensors[0].requires_grad_(grad), *tensors[1:], h, p, stats, *consts, needs]
+
+
+def slot_metadata_args(dev, m, ids_dtype, spare):
+    """ids [M] (some out of range: they read as -1) and the six metadata buffers for M + ``spare`` rows."""
+    from adaptkern.ops.mixed_adapter_linear.rows import slot_metadata_buffers
+
+    ids = torch.tensor([i % (S + 3) - 2 for i in range(m)], dtype=ids_dtype, device=dev)
+    return [ids, *slot_metadata_buffers(m + spare, S, dev)]
+
+
 ALL = (True,) * 7
 X_ONLY = (True,) + (False,) * 6
 ADAPTER_ONLY = (False, False, False, True, True, True, True)
 NONE = (False,) * 7
+DORA_ADAPTER = (False, False, False, True, True, True)  # lora_a, lora_b, magnitude
+QUANT_ADAPTER = (False, True, True, True)  # bias, lora_a, lora_b (x, bias, lora_a, lora_b; W is frozen)
+NORM_ALL = (True,) * 11
+NORM_X = (True,) + (False,) * 10
+NORM_ADAPTER = (False,) * 4 + (True,) * 7  # down_w, down_b, up_w, up_b, scale, norm_w, norm_b
 
 # op -> {variant id: build(device, dtype, m, grad) -> args}
 VARIANTS = {
@@ -186,6 +292,54 @@ VARIANTS = {
         "needs-none": lambda d, t, m, g: mixed_backward_args(d, t, m, NONE, g),
         "slices-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True, slices=3),
     },
+    "dora_linear": {
+        "saved": lambda d, t, m, g: dora_args(d, t, m, g),
+        "saved-dropout": lambda d, t, m, g: dora_args(d, t, m, g, dropout=0.25),
+        "s-only": lambda d, t, m, g: dora_args(d, t, m, g, need_p=False),
+        "inference-noz": lambda d, t, m, g: dora_args(d, t, m, g, need_s=False, need_p=False),
+    },
+    "dora_linear_backward": {
+        "needs-all": lambda d, t, m, g: dora_backward_args(d, t, m, ALL[:6], g),
+        "needs-x": lambda d, t, m, g: dora_backward_args(d, t, m, X_ONLY[:6], g),
+        "needs-adapter": lambda d, t, m, g: dora_backward_args(d, t, m, DORA_ADAPTER, g),
+        "needs-none": lambda d, t, m, g: dora_backward_args(d, t, m, NONE[:6], g),
+        "dropout-needs-all": lambda d, t, m, g: dora_backward_args(d, t, m, ALL[:6], g, dropout=0.25),
+    },
+    "quantized_lora_linear": {
+        "onepass-z": lambda d, t, m, g: quantized_args(d, t, m, True, g, route="onepass"),
+        "split-noz": lambda d, t, m, g: quantized_args(d, t, m, False, g, route="split"),
+        "nested-z": lambda d, t, m, g: quantized_args(d, t, m, True, g, nested=True),
+        "dropout-z": lambda d, t, m, g: quantized_args(d, t, m, True, g, dropout=0.25),
+    },
+    "quantized_linear": {
+        "plain": lambda d, t, m, g: quantized_base_args(d, t, m),
+        "nested-no-bias": lambda d, t, m, g: quantized_base_args(d, t, m, nested=True, bias=False),
+    },
+    "quantized_lora_linear_backward": {
+        "needs-all": lambda d, t, m, g: quantized_backward_args(d, t, m, ALL[:4], g),
+        "needs-x": lambda d, t, m, g: quantized_backward_args(d, t, m, X_ONLY[:4], g),
+        "needs-adapter": lambda d, t, m, g: quantized_backward_args(d, t, m, QUANT_ADAPTER, g),
+        "needs-none": lambda d, t, m, g: quantized_backward_args(d, t, m, NONE[:4], g),
+        "nested-dropout-needs-all": lambda d, t, m, g: quantized_backward_args(d, t, m, ALL[:4], g, nested=True,
+                                                                               dropout=0.25),
+    },
+    "bottleneck_norm": {
+        **{setup: (lambda s: lambda d, t, m, g: bottleneck_norm_args(d, t, m, g, s))(setup) for setup in NORM_SETUPS},
+        "parallel-rms-column-scale": lambda d, t, m, g: bottleneck_norm_args(d, t, m, g, "parallel-rms",
+                                                                             column_scale=True),
+    },
+    "bottleneck_norm_backward": {
+        "needs-all": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, NORM_ALL, g),
+        "needs-x": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, NORM_X, g),
+        "needs-adapter": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, NORM_ADAPTER, g),
+        "needs-none": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, (False,) * 11, g),
+        "llama-sum-needs-all": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, NORM_ALL, g, "llama-sum"),
+        "no-weight-needs-all": lambda d, t, m, g: bottleneck_norm_backward_args(d, t, m, NORM_ALL, g, "no-weight"),
+    },
+    "slot_metadata_update_": {
+        "int32-spare": lambda d, t, m, g: slot_metadata_args(d, m, torch.int32, 3),
+        "int64-exact": lambda d, t, m, g: slot_metadata_args(d, m, torch.int64, 0),
+    },
     "lora_shrink_": {"slices": lambda d, t, m, g: delta_args("shrink", d, t, m, g)},
     "lora_expand_": {"slices": lambda d, t, m, g: delta_args("expand", d, t, m, g)},
     "add_lora_delta_": {
@@ -207,13 +361,16 @@ def test_every_registered_op_has_cases():
                                               f"cases for unregistered ops: {set(VARIANTS) - set(REGISTERED)}")
 
 
+INTEGER_ONLY = ("slot_metadata_update_",)  # no float inputs: one dtype, no grad
+
+
 def _cases(dtypes, rows, grads):
     for name in sorted(VARIANTS):
         for variant in VARIANTS[name]:
             for path in PATHS:
-                for dt in dtypes:
+                for dt in list(dtypes)[:1] if name in INTEGER_ONLY else dtypes:
                     for m in rows:
-                        for grad in grads:
+                        for grad in grads[:1] if name in INTEGER_ONLY else grads:
                             yield pytest.param(name, variant, path, dt, m, grad,
                                                id=f"{name}-{variant}-{path}-{dt}-M{m}-{'grad' if grad else 'nograd'}")
 
@@ -264,12 +421,18 @@ def test_fake_matches_real(name, variant, path, dt, m, grad):
                                  [a for a in fargs if isinstance(a, torch.Tensor)])
 
 
+DIFFERENTIABLE = ("adapter_linear", "mixed_adapter_linear", "dora_linear", "quantized_lora_linear",
+                  "bottleneck_norm")
+
+
 def _differentiable(param):
-    """opcheck differentiates whatever requires grad: only where the op is meant to be differentiated. With
-    need_z=False the forward ops refuse backward by design (callers pass need_z=True whenever a gradient is
-    wanted), and the backward ops have no double backward."""
+    """opcheck differentiates whatever requires grad: only where the op is meant to be differentiated. Run
+    without the tensors backward reads (need_z=False; DoRA's need_s=False, "-noz") the forward ops refuse
+    backward by design (callers ask for them whenever a gradient is wanted); DoRA run with need_s but not
+    need_p is differentiated in everything but the magnitude, which opcheck would differentiate too; the
+    backward ops have no double backward."""
     name, variant, _, _, _, grad = param.values
-    return not grad or (name in ("adapter_linear", "mixed_adapter_linear") and not variant.endswith("-noz"))
+    return not grad or (name in DIFFERENTIABLE and not variant.endswith("-noz") and variant != "s-only")
 
 
 @pytest.mark.parametrize("name, variant, path, dt, m, grad",
