@@ -8,15 +8,21 @@ gate_up) is packed at the adapter's actual rank r_l: rows [j·r_l, (j+1)·r_l) o
 ``A[l]`` [c·r_max, in] are slice j; B slices are column blocks of ``B[l]`` [out, r_max] (qkv:
 by ``output_offset``); per-slot ``lora_ranks`` (0: the slot adds nothing) and ``scalings``.
 A batch is segments (sequences) with one slot each.
+
+:meth:`AdaptkernLoRABackend.forward_with_base` is SGLang's hook where a backend may replace the
+engine's base GEMM + LoRA calls: for an unquantized base it runs one fused
+:func:`adaptkern.mixed.mixed_lora_linear` for the base GEMM and every slice.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..mixed import mixed_lora_linear
 from ..serving import add_lora_delta, lora_expand, lora_shrink
 from ..slot_mapping import SlotMapping
 
@@ -33,6 +39,7 @@ class AdaptkernLoRABackend:
       run_lora_b_sgemm: out[t] (+)= x_t[:r]·B[l, :, :r]ᵀ (into ``base_output`` when given)
       run_qkv_lora / run_gate_up_lora: out[t, o_j:o_{j+1}] (+)= s·(x_t·A_jᵀ)·B[l, o_j:o_{j+1}, :r]ᵀ,
         A_j = A[l, j·r:(j+1)·r], one :func:`adaptkern.add_lora_delta` call for every slice.
+      forward_with_base: the layer's base output plus the same per-slice delta (see there).
     The per-token slots live in a :class:`~adaptkern.slot_mapping.SlotMapping` refilled in place
     (preallocated by :meth:`init_cuda_graph_batch_info` for graph replays).
     """
@@ -131,10 +138,83 @@ class AdaptkernLoRABackend:
         half = gate_up_lora_b.shape[1] // 2
         return self._sliced(x, gate_up_lora_a, gate_up_lora_b, [0, half, 2 * half], base_output)
 
+    # -- base GEMM + LoRA ----------------------------------------------------------------------
+
+    def forward_with_base(self, layer, x: Tensor, base_fn, lora_a: Tensor, lora_b: Tensor, output_offset, offsets,
+                          *, all_reduce=None, kind: str = "linear", pruned_batch_info=None) -> Tensor:
+        """The LoRA layer's output: base(x) plus every slice's delta.
+
+        Semantics (token t with slot l, r = lora_ranks[l], s = scalings[l], c slices with output
+        columns [o_j, o_{j+1}) from ``layer.output_offset_cpu`` (else ``output_offset``)):
+          y[t, o_j:o_{j+1}] = x_t·W_jᵀ + b_j + s·(x_t·A_jᵀ)·B[l, o_j:o_{j+1}, :r]ᵀ, A_j = A[l, j·r:(j+1)·r].
+        Shapes: x [T, K], lora_a [S, c·r_max, K], lora_b [S, N, r_max] -> [T, N].
+
+        Fused (one :func:`~adaptkern.mixed.mixed_lora_linear` launch family for the base GEMM and
+        all c slices) when the base is unquantized and local: ``layer.base_layer.quant_method`` is
+        SGLang's ``UnquantizedLinearMethod``, its weight a plain [N, K] tensor in x's dtype (bias
+        applied unless ``skip_bias_add``), tensor-parallel size 1, no ``all_reduce`` and no
+        ``pruned_batch_info``; A's packed slices are rearranged once per A and ranks (cached).
+        Otherwise (quantized or unknown bases, TP > 1, lm_head pruning) SGLang's own order:
+        ``layer.apply_lora(base_fn(), x)``, or with ``all_reduce`` the shrink, the reductions of
+        the base output and the shrink, then the expand into the reduced base output.
+        ``offsets`` and ``kind`` are not needed: the slices come from A, B and the output offsets.
+        """
+        fused = None if all_reduce is not None or pruned_batch_info is not None else self._fusable(
+            layer, x, lora_a, lora_b, output_offset)
+        if fused is not None:
+            weight, bias, widths = fused
+            a = [lora_a] if len(widths) == 1 else self._packed_slices(lora_a, len(widths))
+            bounds = [sum(widths[:j]) for j in range(len(widths) + 1)]
+            b = [lora_b[:, bounds[j]:bounds[j + 1]] for j in range(len(widths))]
+            return mixed_lora_linear(x, weight, bias, a, b, self.mapping, scales=self.scalings, ranks=self.ranks,
+                                     output_slices=widths, validate_ids=False)
+        if all_reduce is None:
+            return layer.apply_lora(base_fn(), x)
+        shrunk = self.run_lora_a_sgemm(x, lora_a)
+        base = all_reduce(base_fn())
+        return self.run_lora_b_sgemm(x=all_reduce(shrunk), weights=lora_b, output_offset=output_offset,
+                                     output_offset_cpu=getattr(layer, "output_offset_cpu", None), base_output=base)
+
+    def _fusable(self, layer, x: Tensor, lora_a: Tensor, lora_b: Tensor, output_offset):
+        """(weight, bias, slice widths) when ``layer``'s base can run fused, else None."""
+        base = getattr(layer, "base_layer", None)
+        method = type(getattr(base, "quant_method", None)).__name__
+        if (self.mapping is None or method != "UnquantizedLinearMethod" or getattr(base, "tp_size", 1) != 1
+                or getattr(base, "use_intel_amx_backend", False)):  # AMX repacks the weight
+            return None
+        weight = getattr(base, "weight", None)
+        bias = None if getattr(base, "skip_bias_add", False) else getattr(base, "bias", None)
+        if not (isinstance(weight, Tensor) and weight.dim() == 2 and weight.dtype == x.dtype and x.dim() == 2
+                and weight.shape[1] == x.shape[1] and lora_b.shape[1] == weight.shape[0]
+                and (bias is None or isinstance(bias, Tensor))):
+            return None
+        rank = lora_b.shape[2]
+        slices = lora_a.shape[1] // rank if rank else 0
+        bounds = getattr(layer, "output_offset_cpu", None)
+        bounds = output_offset if bounds is None else bounds
+        bounds = bounds.tolist() if isinstance(bounds, Tensor) else bounds
+        if (not slices or slices * rank != lora_a.shape[1] or bounds is None or len(bounds) != slices + 1
+                or bounds[0] != 0 or bounds[-1] != weight.shape[0]):
+            return None
+        widths = tuple(int(bounds[j + 1] - bounds[j]) for j in range(slices))
+        return (weight, bias, widths) if min(widths) > 0 else None
+
 
 def register() -> None:
     """SGLang plug-in: add :class:`AdaptkernLoRABackend` to SGLang's LoRA backend registry as
-    ``"adaptkern"``."""
+    ``"adaptkern"``, and ``"adaptkern"`` to the choices of ``--lora-backend`` (SGLang keeps them in
+    the list ``sglang.srt.server_args.LORA_BACKEND_CHOICES``, which argparse holds by reference;
+    where that list is missing the CLI is left as it is, with a warning)."""
     from sglang.srt.lora.backend.lora_registry import register_lora_backend
 
     register_lora_backend(BACKEND_NAME)(lambda: AdaptkernLoRABackend)
+    try:
+        from sglang.srt.server_args import LORA_BACKEND_CHOICES as choices
+    except ImportError:
+        choices = None
+    if not isinstance(choices, list):
+        warnings.warn(f"adaptkern: no list sglang.srt.server_args.LORA_BACKEND_CHOICES to widen (found "
+                      f"{type(choices).__name__}); the backend is registered, but SGLang's CLI may refuse "
+                      f"--lora-backend {BACKEND_NAME}", stacklevel=2)
+    elif BACKEND_NAME not in choices:
+        choices.append(BACKEND_NAME)

@@ -1,15 +1,22 @@
 """The SGLang LoRA backend against a float64 re-derivation of SGLang's semantics, in SGLang's layouts
 (A slices packed at each adapter's actual rank, B slices by output offset, per-slot ranks and
 scalings, rank 0 a no-op), on both paths. SGLang does not install on these CPU machines (it pins
-CUDA builds), so the plug-in is checked against a stand-in registry."""
+CUDA builds), so its LoRA layers, quant methods, registry and CLI choices are stand-ins shaped like
+SGLang's."""
 
+import argparse
 import sys
 import types
+from unittest import mock
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from adaptkern.integrations.sglang import BACKEND_NAME, AdaptkernLoRABackend, register
+from adaptkern.ops import config
 from adaptkern.testing import assert_close
+from tests.helpers import count_launches
 
 S, R, K = 3, 4, 20
 RANKS = [4, 0, 2]  # slot 1: no adapter (rank 0)
@@ -33,14 +40,15 @@ def _packed_a(c, seed):
     return torch.randn(S, c * R, K, generator=torch.Generator().manual_seed(seed)) / 3
 
 
-def _reference(x, a, b, tokens, offsets, base):
-    out = base.double().clone()
+def _reference(x, a, b, tokens, offsets, base, dtype=torch.float64):
+    """SGLang's semantics, plain PyTorch in ``dtype`` (float64: the oracle)."""
+    out = base.to(dtype).clone()
     for t, slot in enumerate(tokens):
         r = RANKS[slot]
         for j in range(len(offsets) - 1):
-            a_j = a[slot, j * r:(j + 1) * r].double()
-            b_j = b[slot, offsets[j]:offsets[j + 1], :r].double()
-            out[t, offsets[j]:offsets[j + 1]] += SCALINGS[slot] * (x[t].double() @ a_j.t()) @ b_j.t()
+            a_j = a[slot, j * r:(j + 1) * r].to(dtype)
+            b_j = b[slot, offsets[j]:offsets[j + 1], :r].to(dtype)
+            out[t, offsets[j]:offsets[j + 1]] += SCALINGS[slot] * (x[t].to(dtype) @ a_j.t()) @ b_j.t()
     return out
 
 
@@ -87,12 +95,152 @@ def test_decode_batch_and_graph_mapping():
     assert be.mapping.slots[:3].tolist() == [2, 1, 0]
 
 
-def test_register_adds_the_backend(monkeypatch):
+class UnquantizedLinearMethod:
+    """SGLang's plain base GEMM (matched by name, as the backend does)."""
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+
+class Int8LinearMethod:
+    """A quantized base: int8 levels held in a float weight of x's dtype, the per-row scale apart
+    (a plain-looking weight that is not the layer's W)."""
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight * layer.weight_scale[:, None], bias)
+
+
+class _LoRALayer:
+    """An SGLang ``*WithLoRA`` wrapper at tp=1: ``base_layer``, output offsets (device and CPU),
+    ``apply_lora`` calling the backend as SGLang's layer of that kind does, and a forward that hands
+    the base GEMM to ``forward_with_base`` as a closure."""
+
+    def __init__(self, backend, base, kind, a, b, offsets):
+        self.backend, self.base_layer, self.kind, self.a, self.b = backend, base, kind, a, b
+        self.output_offset = torch.tensor(offsets, dtype=torch.int32, device=a.device)
+        self.output_offset_cpu = torch.tensor(offsets, dtype=torch.int32)
+
+    def apply_lora(self, base_output, x):
+        be, kw = self.backend, dict(output_offset=self.output_offset, output_offset_cpu=self.output_offset_cpu,
+                                    base_output=base_output)
+        if self.kind == "qkv":
+            return be.run_qkv_lora(x=x, qkv_lora_a=self.a, qkv_lora_b=self.b, max_qkv_out_dim=16, **kw)
+        if self.kind == "gate_up":
+            return be.run_gate_up_lora(x=x, gate_up_lora_a=self.a, gate_up_lora_b=self.b, **kw)
+        return be.run_lora_b_sgemm(x=be.run_lora_a_sgemm(x, self.a), weights=self.b, **kw)
+
+    def forward(self, x, all_reduce=None):
+        base = self.base_layer
+        bias = None if base.skip_bias_add else base.bias
+        base_fn = mock.Mock(side_effect=lambda: base.quant_method.apply(base, x, bias))
+        y = self.backend.forward_with_base(self, x, base_fn, self.a, self.b, self.output_offset,
+                                           self.output_offset_cpu.tolist(), all_reduce=all_reduce, kind=self.kind)
+        return y, base_fn.call_count
+
+
+# kind: (c slices, output offsets, bias, skip_bias_add) — q/k/v with GQA widths, gate/up, plain
+# row- and column-parallel linears (the latter returning its bias separately)
+LAYERS = {"qkv": (3, [0, 16, 24, 32], True, False), "gate_up": (2, [0, 12, 24], False, False),
+          "row": (1, [0, 10], True, False), "column": (1, [0, 10], True, True)}
+
+
+def _layer(kind, be, device, quantized=False):
+    c, offsets, has_bias, skip = LAYERS[kind]
+    n = offsets[-1]
+    g = torch.Generator().manual_seed(11 + c)
+    w = torch.randn(n, K, generator=g) / K**0.5
+    base = types.SimpleNamespace(bias=torch.randn(n, generator=g) if has_bias else None, skip_bias_add=skip,
+                                 tp_size=1, quant_method=UnquantizedLinearMethod(), weight=w)
+    if quantized:
+        base.weight_scale = w.abs().amax(1) / 127
+        base.weight = torch.round(w / base.weight_scale[:, None])
+        base.quant_method = Int8LinearMethod()
+    a, b = _packed_a(c, 12 + c), torch.randn(S, n, R, generator=g) / 3
+    for name in ("weight", "bias", "weight_scale"):
+        if getattr(base, name, None) is not None:
+            setattr(base, name, getattr(base, name).to(device))
+    return _LoRALayer(be, base, kind, a.to(device), b.to(device), offsets), a, b
+
+
+def _base(layer, x, dtype=torch.float64):
+    base = layer.base_layer
+    w = base.weight.cpu().to(dtype)
+    if hasattr(base, "weight_scale"):
+        w = w * base.weight_scale.cpu().to(dtype)[:, None]
+    y = x.to(dtype) @ w.t()
+    return y if base.bias is None or base.skip_bias_add else y + base.bias.cpu().to(dtype)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_forward_with_base_fused(path_device, kind):
+    be, tokens = _backend(path_device)
+    layer, a, b = _layer(kind, be, path_device)
+    x = torch.randn(len(tokens), K, generator=torch.Generator().manual_seed(13))
+    with count_launches() as launches:
+        y, base_calls = layer.forward(x.to(path_device))
+    assert base_calls == 0  # the engine's base GEMM did not run: the fused op did it
+    if config.interpreting() or y.is_cuda:
+        assert dict(launches) == {"_mixed_adapter_linear_shrink_kernel": 1, "_mixed_adapter_linear_kernel": 1}
+    offsets = layer.output_offset_cpu.tolist()
+    want = _reference(x, a, b, tokens, offsets, _base(layer, x))
+    assert_close(kind, want, y.cpu(), _reference(x, a, b, tokens, offsets, _base(layer, x, x.dtype), x.dtype))
+
+
+def test_forward_with_base_quantized_base_falls_back(path_device):
+    be, tokens = _backend(path_device)
+    layer, a, b = _layer("qkv", be, path_device, quantized=True)
+    x = torch.randn(len(tokens), K, generator=torch.Generator().manual_seed(14))
+    y, base_calls = layer.forward(x.to(path_device))
+    assert base_calls == 1  # the engine's quantized GEMM, then the delta into its output
+    want = _reference(x, a, b, tokens, [0, 16, 24, 32], _base(layer, x))
+    assert_close("quantized qkv", want, y.cpu(), want.float())
+
+
+def test_forward_with_base_reduction_keeps_sglang_order(path_device):
+    """With a reduction (row-parallel, TP > 1) the base and the shrink are reduced before the expand."""
+    be, tokens = _backend(path_device)
+    layer, a, b = _layer("row", be, path_device)
+    x = torch.randn(len(tokens), K, generator=torch.Generator().manual_seed(15))
+    reduce = mock.Mock(side_effect=lambda t: t)
+    y, base_calls = layer.forward(x.to(path_device), all_reduce=reduce)
+    assert base_calls == 1 and reduce.call_count == 2
+    assert [tuple(c.args[0].shape) for c in reduce.call_args_list] == [(len(tokens), 10), (len(tokens), R)]
+    want = _reference(x, a, b, tokens, [0, 10], _base(layer, x))
+    assert_close("row reduced", want, y.cpu(), want.float())
+
+
+def _fake_sglang(monkeypatch, choices):
+    """Stand-in modules for SGLang's backend registry and (when ``choices`` is not None) the
+    ``server_args`` module keeping ``LORA_BACKEND_CHOICES``; returns the registry dict."""
     registry = {}
     mod = types.ModuleType("sglang.srt.lora.backend.lora_registry")
     mod.register_lora_backend = lambda name: (lambda fn: registry.__setitem__(name, fn) or fn)
     for name in ("sglang", "sglang.srt", "sglang.srt.lora", "sglang.srt.lora.backend"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    if choices is not None:
+        args = types.ModuleType("sglang.srt.server_args")
+        args.LORA_BACKEND_CHOICES = choices
+        monkeypatch.setitem(sys.modules, args.__name__, args)
+    return registry
+
+
+def test_register_adds_the_backend_and_widens_the_cli(monkeypatch):
+    choices = ["triton", "csgmv", "ascend", "torch_native"]
+    registry = _fake_sglang(monkeypatch, choices)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-backend", choices=choices)  # as SGLang's CLI holds the list
+    with pytest.raises(SystemExit), mock.patch("sys.stderr"):
+        parser.parse_args(["--lora-backend", BACKEND_NAME])
     register()
+    register()  # plug-ins load again in every worker: no duplicate
+    assert registry[BACKEND_NAME]() is AdaptkernLoRABackend
+    assert choices == ["triton", "csgmv", "ascend", "torch_native", BACKEND_NAME]
+    assert parser.parse_args(["--lora-backend", BACKEND_NAME]).lora_backend == BACKEND_NAME
+
+
+def test_register_without_a_choices_list_warns(monkeypatch):
+    registry = _fake_sglang(monkeypatch, None)
+    with pytest.warns(UserWarning, match="LORA_BACKEND_CHOICES"):
+        register()
     assert registry[BACKEND_NAME]() is AdaptkernLoRABackend
