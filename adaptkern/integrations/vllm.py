@@ -59,6 +59,9 @@ class AdaptkernPunicaWrapper:
         self.max_loras = int(max_loras)
         self.token_mapping = SlotMapping.empty(max_num_batched_tokens, self.max_loras, device=self.device)
         self.sampler_mapping = SlotMapping.empty(max_num_batched_tokens, self.max_loras, device=self.device)
+        # vLLM's LoRA embedding layer reads this private base-class buffer itself: per token, the row
+        # offset (slot·vocab_size, 0 without a slot) of its A rows in the flattened lora_a_stacked.
+        self._embeddings_indices = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=self.device)
         self.is_prefill = False
         self.no_lora = True
         self._scales: dict = {}
@@ -66,12 +69,13 @@ class AdaptkernPunicaWrapper:
     def update_metadata(self, mapping, lora_index_to_id: list, max_loras: int, vocab_size: int, **kwargs) -> None:
         """Slots from vLLM's mapping: a token (``mapping.index_mapping``) or sampled row
         (``mapping.prompt_mapping``) with LoRA id i > 0 uses slot ``lora_index_to_id.index(i)``;
-        id 0 (or an id no slot holds): -1."""
+        id 0 (or an id no slot holds): -1. Embedding row offsets: max(slot, 0)·vocab_size."""
         slot_of = {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
         tokens = [slot_of.get(i, -1) if i > 0 else -1 for i in mapping.index_mapping]
         samples = [slot_of.get(i, -1) if i > 0 else -1 for i in mapping.prompt_mapping]
         self.token_mapping.update_(torch.tensor(tokens, dtype=torch.int32).to(self.device, non_blocking=True))
         self.sampler_mapping.update_(torch.tensor(samples, dtype=torch.int32).to(self.device, non_blocking=True))
+        self._embeddings_indices[:len(tokens)].copy_(self.token_lora_indices.clamp(min=0) * vocab_size)
         self.is_prefill = bool(mapping.is_prefill)
         self.no_lora = all(t < 0 for t in tokens)
 

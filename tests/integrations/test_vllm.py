@@ -62,6 +62,8 @@ def test_metadata_maps_lora_ids_to_slots():
     w = _wrapper("cpu")
     assert w.token_lora_indices.tolist() == _slots((7, 0, 3, 3, 7, 5)) == [0, -1, 2, 2, 0, -1]
     assert w.sampler_indices.tolist() == [2, -1] and not w.no_lora
+    # vLLM's LoRA embedding layer reads the wrapper's _embeddings_indices: slot·vocab_size, 0 without a slot
+    assert w._embeddings_indices[:6].tolist() == [0, 0, 200, 200, 0, 0]
 
 
 def test_shrink_expand_and_linear(path_device):
