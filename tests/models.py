@@ -109,3 +109,58 @@ def assert_unchanged(model, snap):
     state, types, grads = snapshot(model)
     assert types == snap[1] and grads == snap[2]
     assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
+
+
+def seq_cls_model(arch="bert", seed=0, num_labels=3):
+    """A tiny ``*ForSequenceClassification`` (BERT or Llama), seeded, in eval mode: PEFT's SEQ_CLS task
+    saves its head (``classifier`` / ``score``) whole through ``modules_to_save``."""
+    from transformers import BertForSequenceClassification, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(**DEC, num_labels=num_labels)).eval()
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0, num_labels=num_labels)).eval()
+
+
+def perturb_trainable(model, std=0.05, seed=7):
+    """Add noise to every trainable Parameter of ``model`` (LoRA, saved heads, trained biases) so that
+    a comparison cannot pass with their initial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+
+
+def tiny_llama_qlora(seed=0):
+    """A tiny Llama whose linear layers have K a multiple of 64 (hidden 64, intermediate 128), seeded, eval:
+    bitsandbytes 0.50's CPU dequantization reads one absmax per row of W, so a 64-element block that spans
+    rows (K < 64) dequantizes wrongly on the CPU (its GPU kernels and adaptkern index blocks flat)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**(DEC | dict(hidden_size=64, intermediate_size=128)))).eval()
+
+
+def quantize_linears(model, targets, compute_dtype=torch.float32, quant_type="nf4"):
+    """Replace, in place, each ``nn.Linear`` of ``model`` whose name ends with one of ``targets`` by a
+    bitsandbytes ``Linear4bit`` (double-quantized, block size 64) holding its weight quantized on the CPU,
+    and mark the model 4-bit as transformers does (PEFT then builds its QLoRA layers on them). The weights
+    keep bitsandbytes' standard packed layout: its CPU-only repacking on the first no-grad eval call is off."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or not any(name.endswith(t) for t in targets):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(module.weight.detach().to(compute_dtype), requires_grad=False,
+                                     quant_type=quant_type, compress_statistics=True, blocksize=64, module=q)
+        if module.bias is not None:
+            q.bias = torch.nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
+        q.support_avx512bf16_for_cpu = False  # keep the standard layout (bnb's CPU repack fails for K < blocksize)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to("cpu").train(module.training))
+    model.is_loaded_in_4bit = True
+    return model

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import validation as check
+from ..dora import dora_weight_norm
 from ..nn import AdapterLinear, bottleneck_arguments, lora_arguments
 
 TargetModules = Union[None, str, Iterable[str]]
@@ -129,7 +131,94 @@ def patch(model: nn.Module, target_modules: TargetModules = None) -> nn.Module:
             new = AdapterLinear.from_linear(module, freeze=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+    guard_save_pretrained(model)
     return model
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Give a transformers model holding adaptkern adapters the :class:`BaseOnlySave` ``save_pretrained``."""
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = BaseOnlySave(model)
+
+
+class BaseOnlySave:
+    """A patched transformers model's ``save_pretrained`` (an instance attribute set by :func:`patch`).
+
+    Semantics: writes the base model's checkpoint, exactly what ``from_pretrained`` of the
+    unpatched class reads: the ``<module>.adapters.*`` keys are left out (a plain
+    ``from_pretrained`` would drop them) and modules replaced for PEFT's ``modules_to_save``
+    are written as the model's own; merged layers already save W unmerged. When adapters were
+    left out it warns, naming ``adaptkern.save_peft`` (adapters) and
+    ``adaptkern.integrations.trainer.AdapterTrainer`` (adapter-only Trainer checkpoints).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, state_dict=None, **kwargs):
+        model = self.model
+        state = dict(model.state_dict() if state_dict is None else state_dict)
+        prefixes = tuple(f"{n}.adapters." for n in adapter_modules(model))
+        names = sorted({k[len(p):].split(".")[0] for k in state for p in prefixes if k.startswith(p)})
+        for module_name, versions in saved_modules(model).items():
+            state.update({f"{module_name}.{k}": t for k, t in versions[None].items()})
+        if names:
+            warnings.warn(f"save_pretrained of a patched {type(model).__name__} writes the base model only; its "
+                          f"adapters {names} are not in {save_directory!r}. Save them with adaptkern.save_peft "
+                          f"(a PEFT adapter directory); under the transformers Trainer use adaptkern.integrations."
+                          f"trainer.AdapterTrainer for adapter-only checkpoints", stacklevel=2)
+        clean = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        return type(model).save_pretrained(model, save_directory, *args, state_dict=clean, **kwargs)
+
+
+SAVED_MODULES = "adaptkern_saved_modules"
+PEFT_FIELDS = "adaptkern_peft_fields"
+
+
+def saved_modules(model: nn.Module) -> dict[str, dict]:
+    """PEFT ``modules_to_save`` of a patched model: {module name: {adapter name, or None for the
+    model's own: {state key: tensor}}}; :func:`set_adapter` installs the active adapter's version
+    (the model's own where it has none)."""
+    return vars(model).setdefault(SAVED_MODULES, {})
+
+
+def peft_fields(model: nn.Module) -> dict[str, dict]:
+    """What PEFT adapters loaded into a patched model train besides LoRA, by adapter name:
+    {"bias": "none" | "all" | "lora_only", "biases": [parameter names], "modules_to_save": [config entries]}."""
+    return vars(model).setdefault(PEFT_FIELDS, {})
+
+
+def _slot(module: nn.Module, key: str) -> tuple[dict, str]:
+    """(the Parameter or buffer dict holding state key ``key`` of ``module``, its leaf name)."""
+    owner, _, leaf = key.rpartition(".")
+    sub = module.get_submodule(owner)
+    return (sub._parameters if leaf in sub._parameters else sub._buffers), leaf
+
+
+def _install(model: nn.Module, states: dict[str, dict]) -> None:
+    """Put the tensors ``states[module][key]`` into the modules (as Parameters or buffers, as they are)."""
+    for module_name, state in states.items():
+        module = model.get_submodule(module_name)
+        for key, t in state.items():
+            holder, leaf = _slot(module, key)
+            holder[leaf] = t
+
+
+def _installed(model: nn.Module) -> dict[str, dict]:
+    """The tensors the saved modules hold now, as :func:`_install` takes them."""
+    states = {}
+    for module_name, versions in vars(model).get(SAVED_MODULES, {}).items():
+        module = model.get_submodule(module_name)
+        states[module_name] = {}
+        for key in versions[None]:
+            holder, leaf = _slot(module, key)
+            states[module_name][key] = holder[leaf]
+    return states
+
+
+def _use_saved_modules(model: nn.Module, name: Optional[str]) -> None:
+    saved = vars(model).get(SAVED_MODULES, {})
+    _install(model, {n: versions.get(name, versions[None]) for n, versions in saved.items()})
 
 
 def adapter_modules(model: nn.Module, name: Optional[str] = None) -> dict[str, AdapterLinear]:
@@ -147,8 +236,18 @@ def _require_adapter(model: nn.Module, name: str) -> dict[str, AdapterLinear]:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Semantics: requires_grad = True for every adapter parameter, False for every other one."""
+    """Semantics: requires_grad = True for every adapter parameter (with the modules and biases a
+    PEFT adapter trains: ``modules_to_save``, ``bias``), False for every other one."""
     adapter_ids = {id(p) for m in adapter_modules(model).values() for p in m.adapters.parameters()}
+    for versions in vars(model).get(SAVED_MODULES, {}).values():  # installed or not: the adapters' copies train
+        for a, state in versions.items():
+            for t in state.values():
+                if isinstance(t, nn.Parameter):
+                    t.requires_grad_(a is not None)
+                    if a is not None:
+                        adapter_ids.add(id(t))
+    biases = {n for fields in vars(model).get(PEFT_FIELDS, {}).values() for n in fields["biases"]}
+    adapter_ids |= {id(p) for n, p in model.named_parameters() if n in biases}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapter_ids)
 
@@ -241,6 +340,7 @@ def set_adapter(model: nn.Module, name: Optional[str]) -> None:
     holders = _require_adapter(model, name) if name is not None else {}
     for n, m in adapter_modules(model).items():
         m.set_adapter(name if n in holders else None)
+    _use_saved_modules(model, name)
 
 
 def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
@@ -270,35 +370,53 @@ def _plain_layer(layer: AdapterLinear) -> nn.Module:
     return plain
 
 
+def _merged_weight(w: Tensor, adapter: nn.Module) -> Tensor:
+    """W + scale·B·A (DoRA: times m / ‖W + scale·B·A‖_row, row-wise), computed in ≥ float32, in W's dtype."""
+    acc = torch.promote_types(w.dtype, torch.float32)
+    merged = w.to(acc) + adapter.delta_weight(acc)
+    if adapter.kind == "dora":
+        norm = dora_weight_norm(w.to(acc), adapter.lora_A.detach().to(acc), adapter.lora_B.detach().to(acc),
+                                scale=adapter.scale)
+        merged = (adapter.lora_magnitude_vector.detach().to(acc) / norm.to(acc)).unsqueeze(1) * merged
+    return merged.to(w.dtype)
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold each layer's active LoRA adapter into its weight and put plain layers back, in place.
 
     Semantics: every ``AdapterLinear`` becomes the ``nn.Linear`` (``Conv1D``) it was, holding its
     own weight and bias Parameters with W ← W + scale·B·A of the layer's active LoRA adapter
     (see :meth:`AdapterLinear.merge`; a layer with none active keeps W); every adapter is
-    dropped, so outputs equal the merged model's and the state dict is the base model's.
-    Returns ``model``. Raises ValueError, before changing anything, if a layer's active adapter
-    is a bottleneck (it cannot be folded into W) or if a merge would give NaN or Inf.
+    dropped, so outputs equal the merged model's and the state dict is the base model's (modules
+    a PEFT adapter saved whole keep the active adapter's version, as PEFT's merge_and_unload).
+    A DoRA adapter merges as PEFT merges it: W ← (m / ‖W + scale·B·A‖_row) ⊙ (W + scale·B·A).
+    Returns ``model``. Raises, before changing anything, ValueError if a layer's active adapter
+    is a bottleneck (it cannot be folded into W) or if a merge would give NaN or Inf, and
+    NotImplementedError for a layer over a 4-bit (bitsandbytes) weight.
     """
     layers = adapter_modules(model)
     merges = {}
     for n, m in layers.items():
         active = m.active_adapter
-        if active is not None and m.adapters[active].kind != "lora":
+        if getattr(m.weight, "quant_state", None) is not None:
+            raise NotImplementedError(f"{n!r} holds a 4-bit weight: merge_and_unload cannot fold an adapter into "
+                                      f"it or give back its Linear4bit; save the adapter with save_peft instead")
+        if active is not None and m.adapters[active].kind not in ("lora", "dora"):
             raise ValueError(f"{n!r}: active adapter {active!r} is a {m.adapters[active].kind} adapter, which "
                              f"cannot be merged into the weight; set_adapter(model, None) to drop it")
         if active is not None and active != m.merged_adapter:  # as AdapterLinear.merge: in >= float32
-            w = m.weight
-            merges[n] = (w.detach().to(torch.promote_types(w.dtype, torch.float32))
-                         + m.adapters[active].delta_weight(torch.promote_types(w.dtype, torch.float32))).to(w.dtype)
+            merges[n] = _merged_weight(m.weight.detach(), m.adapters[active])
             if not bool(torch.isfinite(merges[n]).all()):
-                raise ValueError(f"{n!r}: merging adapter {active!r} gives NaN or Inf in {w.dtype}; nothing changed")
+                raise ValueError(f"{n!r}: merging adapter {active!r} gives NaN or Inf in {m.weight.dtype}; "
+                                 f"nothing changed")
     for n, m in layers.items():
         if n in merges:
             with torch.no_grad():
                 m.weight.copy_(merges[n].detach())
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent), child, _plain_layer(m))
+    for attr in (SAVED_MODULES, PEFT_FIELDS, "save_pretrained"):  # saved modules keep the active version
+        vars(model).pop(attr, None)
     return model
 
 
@@ -308,17 +426,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     adapters come back after it.
 
     Semantics: as PEFT's ``disable_adapter()``: y = x·Wᵀ + b everywhere; a merged layer
-    unmerges first (with a warning) and stays unmerged, its adapter active, afterwards.
+    unmerges first (with a warning) and stays unmerged, its adapter active, afterwards. Modules
+    an adapter saved whole (PEFT's ``modules_to_save``) are the model's own within the block.
     """
     layers = adapter_modules(model)
     active = {n: m.active_adapter for n, m in layers.items()}
+    installed = _installed(model)
     for m in layers.values():
         m.set_adapter(None)
+    _use_saved_modules(model, None)
     try:
         yield model
     finally:
         for n, m in layers.items():
             m.set_adapter(active[n])
+        _install(model, installed)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -336,6 +458,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     was_active = any(m.active_adapter == name for m in holders.values())
     for m in holders.values():
         m.delete_adapter(name)
+    peft_fields(model).pop(name, None)
+    saved = saved_modules(model)
+    for module_name, versions in list(saved.items()):
+        versions.pop(name, None)
+        if len(versions) == 1:
+            _install(model, {module_name: versions[None]})
+            del saved[module_name]
     if was_active:
         remaining = [a for m in adapter_modules(model).values() for a in m.adapters]
         set_adapter(model, remaining[0] if remaining else None)

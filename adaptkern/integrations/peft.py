@@ -5,12 +5,16 @@ legacy ``adapter_model.bin``) with, for every targeted module ``<path>`` of the 
 ``base_model.model.<path>.lora_A.weight`` [r, in] and ``base_model.model.<path>.lora_B.weight``
 [out, r]; the module computes y = base(x) + scale·(dropout(x)·Aᵀ)·Bᵀ, scale = alpha/r
 (alpha/√r with rsLoRA). ``AdapterLinear`` stores the same two tensors as
-``<path>.adapters.<name>.lora_A`` / ``lora_B``, in the file's dtype, bit for bit.
+``<path>.adapters.<name>.lora_A`` / ``lora_B``, in the file's dtype, bit for bit. DoRA adds
+``base_model.model.<path>.lora_magnitude_vector`` [out]; ``modules_to_save`` adds the saved
+modules' state under ``base_model.model.<module>.<key>`` and ``bias`` the trained biases
+(``<path>.base_layer.bias`` on LoRA layers).
 
 Loading is strict and atomic: the config, the file and every tensor are validated before
 the model is touched, so a failed load leaves the model exactly as it was. The ``peft``
-package is needed only by :func:`from_peft_model`; where it imports, :func:`save_peft` writes
-every field of its ``LoraConfig``.
+package is optional: where it imports, its own config parsing, target matching and weight
+reader decide (see :mod:`.peft_config`) and :func:`save_peft` writes every field of its
+``LoraConfig``; :func:`from_peft_model` needs it.
 """
 
 from __future__ import annotations
@@ -21,174 +25,38 @@ import os
 import re
 import warnings
 from collections import Counter
-from numbers import Real
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import validation as check
 from ..nn import AdapterLinear
-from .checkpoint_io import read_json_object, read_state_dict
-from .patching import (Conv1DAdapter, adapter_modules, freeze_base, name_matches, patch, refuse_peft_layers,
-                       set_adapter, target_module_names)
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-
-# Config fields that only describe provenance, initialisation or training-time tricks:
-# they do not change what the saved weights compute, so they are read and ignored.
-_IGNORED_FIELDS = frozenset({
-    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-    "megatron_core", "qalora_group_size", "runtime_config", "layers_pattern", "ensure_weight_tying",
-})
-# Features that change the computation: supported only at these neutral values.
-_NEUTRAL_FIELDS = {
-    "use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
-    "target_parameters": None, "layer_replication": None, "trainable_token_indices": None,
-    "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "megatron_config": None,
-    "arrow_config": None, "kasa_config": None, "monteclora_config": None,
-}
-_HONOURED_FIELDS = frozenset({
-    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "rank_pattern",
-    "alpha_pattern", "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights",
-})
-# init_lora_weights values (besides true, false, null) that leave the base weight alone. PiSSA ("pissa*"), OLoRA,
-# CorDA and LoRA-GA subtract the initial adapter from the base weight and LoftQ replaces it by a quantised residual,
-# so their saved lora_A / lora_B apply to that changed base only; PEFT redoes the change when it loads them (except
-# LoRA-GA's, which needs the training gradients).
-_INIT_KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})
-
-
-def _init_keeps_base(init) -> bool:
-    return init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _INIT_KEEPS_BASE)
-
-
-def _is_neutral(value, neutral) -> bool:
-    return value == neutral or (neutral is None and value in ([], {}, "")) or (neutral is False and value is None)
-
-
-def _targets_field(config: dict, field: str):
-    value = config.get(field)
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(t, str) for t in value):
-        return value
-    raise ValueError(f"{CONFIG_NAME}: {field} must be a str, a list of str or null, got {value!r}")
-
-
-def _pattern_field(config: dict, field: str, kind) -> dict:
-    value = config.get(field) or {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
-                                              for k, v in value.items()):
-        raise ValueError(f"{CONFIG_NAME}: {field} must map regex str -> {kind.__name__}, got {value!r}")
-    return value
-
-
-def _pattern_get(patterns: dict, module_name: str, default):
-    """PEFT's ``get_pattern_key``: the first key k with ``re.match(rf"(.*\\.)?({k})$", module_name)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
-def _check_config(config) -> dict:
-    """Validate a parsed adapter_config.json; return {r, alpha, rank_pattern, alpha_pattern, rslora, dropout,
-    targets, exclude, fan_in_fan_out}. Unknown fields warn; unsupported features raise NotImplementedError."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str):
-        raise ValueError(f"{CONFIG_NAME}: peft_type must be a str such as 'LORA', got {peft_type!r}")
-    if peft_type != "LORA":
-        raise NotImplementedError(f"{CONFIG_NAME}: peft_type={peft_type!r} is not supported; only 'LORA' is")
-    unknown = sorted(set(config) - _IGNORED_FIELDS - set(_NEUTRAL_FIELDS) - _HONOURED_FIELDS)
-    if unknown:
-        warnings.warn(f"{CONFIG_NAME}: ignoring unknown fields {unknown}", stacklevel=3)
-    for field, neutral in _NEUTRAL_FIELDS.items():
-        if not _is_neutral(config.get(field, neutral), neutral):
-            raise NotImplementedError(f"{CONFIG_NAME}: {field}={config[field]!r} is not supported "
-                                      f"(only {neutral!r})")
-    init = config.get("init_lora_weights", True)
-    if not _init_keeps_base(init):
-        raise NotImplementedError(
-            f"{CONFIG_NAME}: init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ "
-            f"change the base weight, and these lora_A / lora_B fit only the changed base. Convert the adapter into "
-            f"plain LoRA for the original base with PEFT's peft_model.save_pretrained(path, "
-            f"path_initial_model_for_weight_conversion=<adapter saved right after initialisation>) and load that "
-            f"(LoftQ: load an adapter saved with init_lora_weights=True onto the quantised base saved with it). "
-            f"Supported: true, false, null, {', '.join(map(repr, sorted(_INIT_KEEPS_BASE)))}")
-    if config.get("bias", "none") != "none":
-        raise NotImplementedError(f"{CONFIG_NAME}: bias={config['bias']!r} is not supported (only 'none')")
-    r = config.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{CONFIG_NAME}: r must be a positive int, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
-        raise ValueError(f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{CONFIG_NAME}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    flags = {}
-    for field in ("use_rslora", "fan_in_fan_out"):
-        flags[field] = config.get(field, False)
-        if not isinstance(flags[field], bool):
-            raise ValueError(f"{CONFIG_NAME}: {field} must be a bool, got {flags[field]!r}")
-    targets = _targets_field(config, "target_modules")
-    if targets is None:
-        raise ValueError(f"{CONFIG_NAME}: target_modules is null; name the targeted modules (or 'all-linear')")
-    rank_pattern = _pattern_field(config, "rank_pattern", int)
-    if any(v < 1 for v in rank_pattern.values()):
-        raise ValueError(f"{CONFIG_NAME}: rank_pattern ranks must be positive, got {rank_pattern!r}")
-    alpha_pattern = _pattern_field(config, "alpha_pattern", Real)
-    if not all(math.isfinite(v) for v in alpha_pattern.values()):
-        raise ValueError(f"{CONFIG_NAME}: alpha_pattern values must be finite, got {alpha_pattern!r}")
-    return dict(r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, rslora=flags["use_rslora"],
-                fan_in_fan_out=flags["fan_in_fan_out"], dropout=float(dropout), targets=targets,
-                exclude=_targets_field(config, "exclude_modules"))
-
-
-def _base_module_names(model: nn.Module) -> list[str]:
-    """Module names as PEFT sees them on the unpatched model: without the adapters inside AdapterLinear."""
-    inner = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterLinear))
-    return [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
-
-
-def _select_targets(model: nn.Module, cfg: dict) -> list[str]:
-    """The module names PEFT would wrap for this config; every one must be a linear layer."""
-    targets = cfg["targets"]
-    if targets == "all-linear":
-        names = target_module_names(model, None)
-    else:
-        names = [n for n in _base_module_names(model) if name_matches(n, targets)]
-    if cfg["exclude"]:
-        names = [n for n in names if not name_matches(n, cfg["exclude"])]
-    for n in names:
-        module = model.get_submodule(n)
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            raise NotImplementedError(f"{CONFIG_NAME}: target_modules={targets!r} selects {n!r}, a "
-                                      f"{type(module).__name__}; only nn.Linear and Conv1D targets are supported")
-    if not names:
-        raise ValueError(f"{CONFIG_NAME}: target_modules={targets!r} matches no module of {type(model).__name__}")
-    return names
-
+from .patching import (Conv1DAdapter, adapter_modules, freeze_base, guard_save_pretrained, name_matches, patch,
+                       peft_fields, refuse_peft_layers, saved_modules, set_adapter)
+from .peft_config import (CONFIG_NAME, MAGNITUDE, PREFIX, SAFETENSORS_NAME, base_module_names, init_keeps_base,
+                          pattern_get, read_config, read_weights, select_modules_to_save, select_targets)
 
 def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
     """Load the PEFT LoRA adapter saved in directory ``path`` into ``model`` as adapter ``adapter_name``.
 
-    Semantics: every module PEFT would target (target_modules, exclude_modules) becomes an
+    Semantics: every module PEFT would target (target_modules, exclude_modules,
+    layers_to_transform / layers_pattern; never a module of modules_to_save) becomes an
     ``AdapterLinear`` (patched as needed) computing y = x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ
     with r, alpha from rank_pattern / alpha_pattern or r / lora_alpha, scale = alpha/r
-    (alpha/√r with use_rslora) and dropout = lora_dropout. Shapes: A [r, in], B [out, r],
-    kept in the file's dtype. ``fan_in_fan_out`` describes the base weight's layout, which
-    adaptkern reads from the module type (Conv1D: [in, out]); a disagreeing value warns, as
-    PEFT does. Afterwards the adapter is active everywhere and only adapter parameters
-    require grad. Returns ``model``.
+    (alpha/√r with use_rslora) and dropout = lora_dropout; with ``use_dora`` a DoRA adapter,
+    y = (m / ‖W + scale·B·A‖_row) ⊙ (x·Wᵀ + scale·(x̃·Aᵀ)·Bᵀ) + b, m the saved
+    ``lora_magnitude_vector`` [out]. Shapes: A [r, in], B [out, r], m [out],
+    kept in the file's dtype. As PEFT: each module named by ``modules_to_save`` (e.g. the
+    SEQ_CLS head PEFT adds itself) runs the saved copy while this adapter is active (the model's
+    own when another adapter or none is, see :func:`set_adapter`); ``bias="all"`` /
+    ``"lora_only"`` copy the saved biases (of every module / of the LoRA layers) into the model.
+    ``fan_in_fan_out`` describes the base weight's layout, which adaptkern reads from the module
+    type (Conv1D: [in, out]); a disagreeing value warns, as PEFT does. Afterwards the adapter is
+    active everywhere and only what it trains (LoRA, saved modules, those biases) requires grad.
+    Where peft imports, its LoraConfig, target matcher and ``load_peft_weights`` are used.
+    Returns ``model``.
 
     Raises (leaving the model unchanged): FileNotFoundError for a missing file; ValueError for
     an invalid config, missing or unexpected keys, a shape mismatch (naming the key and both
@@ -199,27 +67,38 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
     path_initial_model_for_weight_conversion=...)`` first.
     """
     refuse_peft_layers(model, "load_peft")
-    cfg = _check_config(read_json_object(os.path.join(path, CONFIG_NAME)))
-    names = _select_targets(model, cfg)
+    cfg, peft_cfg = read_config(path)
+    names = select_targets(model, cfg, peft_cfg)
+    saved_names = select_modules_to_save(model, cfg)
     _check_free_name(model, adapter_name)
-    _, weights = read_state_dict(path, SAFETENSORS_NAME, BIN_NAME)
+    weights = read_weights(path)
 
     expected, plan = {}, {}
     for n in names:
         module = model.get_submodule(n)
-        in_f, out_f = module.weight.shape if isinstance(module, Conv1D) else module.weight.shape[::-1]
-        r = _pattern_get(cfg["rank_pattern"], n, cfg["r"])
-        plan[n] = (r, _pattern_get(cfg["alpha_pattern"], n, cfg["alpha"]))
+        # Conv1D stores W [in, out]; Linear4bit a packed W, so its shape comes from the module
+        in_f, out_f = module.weight.shape if isinstance(module, Conv1D) else (module.in_features, module.out_features)
+        r = pattern_get(cfg["rank_pattern"], n, cfg["r"])
+        plan[n] = (r, pattern_get(cfg["alpha_pattern"], n, cfg["alpha"]))
         expected[f"{PREFIX}{n}.lora_A.weight"] = (r, in_f)
         expected[f"{PREFIX}{n}.lora_B.weight"] = (out_f, r)
+        if cfg["dora"]:
+            expected[f"{PREFIX}{n}.{MAGNITUDE}"] = (out_f,)
+    own = {n: _own_state(model, n) for n in saved_names}
+    expected |= {f"{PREFIX}{n}.{k}": tuple(t.shape) for n, state in own.items() for k, t in state.items()}
+    biases = _bias_keys(model, cfg["bias"], names, saved_names)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected |= {key: tuple(params[p].shape) for key, p in biases.items()}
     conv = (Conv1D, Conv1DAdapter)
     layouts = [n for n in names if isinstance(model.get_submodule(n), conv) != cfg["fan_in_fan_out"]]
     if layouts:
         warnings.warn(f"{CONFIG_NAME}: fan_in_fan_out={cfg['fan_in_fan_out']} but {layouts[0]!r} is a "
                       f"{type(model.get_submodule(layouts[0])).__name__} ({len(layouts)} such modules); using "
                       f"each module's own weight layout, as PEFT does", stacklevel=2)
+    # PEFT's bias="all" also writes the biases of a saved module's wrapper internals; PEFT ignores them on load.
+    wrapper = tuple(f"{PREFIX}{n}.{part}." for n in saved_names for part in ("original_module", "modules_to_save"))
     missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    unexpected = sorted(k for k in set(weights) - set(expected) if not k.startswith(wrapper))
     if missing or unexpected:
         raise ValueError(f"{path}: adapter keys do not match the model: missing {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
@@ -228,21 +107,70 @@ def load_peft(model: nn.Module, path: str, adapter_name: str = "default") -> nn.
         t = weights[key]
         if tuple(t.shape) != shape:
             raise ValueError(f"{key}: shape mismatch: checkpoint has {tuple(t.shape)}, the model needs {shape}")
-        if not t.is_floating_point():
+        if not t.is_floating_point() and (key.endswith((".lora_A.weight", ".lora_B.weight", MAGNITUDE))
+                                          or key in biases):
             raise ValueError(f"{key}: adapter weights must be floating point, got {t.dtype}")
-        if not torch.isfinite(t).all():
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{key}: adapter weights contain NaN or Inf")
 
     patch(model, names)
     for n, (r, alpha) in plan.items():
         module = model.get_submodule(n)
-        adapter = module.add_lora(adapter_name, r, alpha=alpha, dropout=cfg["dropout"], use_rslora=cfg["rslora"])
+        dora = dict(use_dora=True) if cfg["dora"] else {}
+        adapter = module.add_lora(adapter_name, r, alpha=alpha, dropout=cfg["dropout"], use_rslora=cfg["rslora"],
+                                  **dora)
         device = module.weight.device
         adapter.lora_A = nn.Parameter(weights[f"{PREFIX}{n}.lora_A.weight"].to(device))
         adapter.lora_B = nn.Parameter(weights[f"{PREFIX}{n}.lora_B.weight"].to(device))
+        if cfg["dora"]:
+            adapter.lora_magnitude_vector = nn.Parameter(weights[f"{PREFIX}{n}.{MAGNITUDE}"].to(device))
+    with torch.no_grad():
+        for key, p in biases.items():
+            params[p].copy_(weights[key])
+    for n, state in own.items():
+        saved_modules(model).setdefault(n, {None: state})[adapter_name] = {
+            k: _like(t, weights[f"{PREFIX}{n}.{k}"]) for k, t in state.items()}
+    peft_fields(model)[adapter_name] = dict(bias=cfg["bias"], biases=sorted(set(biases.values())),
+                                            modules_to_save=list(cfg["modules_to_save"]))
     set_adapter(model, adapter_name)
     freeze_base(model)
     return model
+
+
+def _own_state(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """The model's own tensors (Parameters as they are) of module ``name``: its persistent state keys."""
+    versions = saved_modules(model).get(name)
+    if versions is not None:
+        return versions[None]
+    state = model.get_submodule(name).state_dict(keep_vars=True)
+    return {k: v for k, v in state.items() if ".adapters." not in f".{k}"}
+
+
+def _like(own: Tensor, saved: Tensor) -> Tensor:
+    """``saved`` on ``own``'s device and dtype (as PEFT's load_state_dict copies it), a Parameter if ``own`` is one."""
+    t = saved.to(device=own.device, dtype=own.dtype)
+    return nn.Parameter(t, requires_grad=own.requires_grad) if isinstance(own, nn.Parameter) else t
+
+
+def _bias_keys(model: nn.Module, bias: str, targets: list[str], saved_names: list[str]) -> dict[str, str]:
+    """{PEFT state key: model parameter name} of the biases PEFT saves with ``bias``: "lora_only": the LoRA
+    layers' (``<layer>.base_layer.bias``); "all": every parameter whose PEFT key holds "bias", but those of
+    modules saved whole and of adapters."""
+    if bias == "none":
+        return {}
+    if bias == "lora_only":
+        return {f"{PREFIX}{n}.base_layer.bias": f"{n}.bias" for n in targets
+                if model.get_submodule(n).bias is not None}
+    layers, skip = set(targets), tuple(f"{n}." for n in saved_names)
+    keys = {}
+    for p, _ in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = p.rpartition(".")
+        if ".adapters." in f".{p}" or p.startswith(skip):
+            continue
+        key = f"{PREFIX}{owner}.base_layer.{leaf}" if owner in layers else f"{PREFIX}{p}"
+        if "bias" in key:
+            keys[key] = p
+    return keys
 
 
 def _check_free_name(model: nn.Module, adapter_name: str) -> None:
@@ -258,7 +186,7 @@ def _number(x: float):
 def _target_list(model: nn.Module, names: list[str]) -> list[str]:
     """PEFT target_modules selecting exactly ``names``: a leaf name (e.g. "q_proj") where every module it
     selects is targeted, the full module names otherwise."""
-    chosen, base_names = set(names), _base_module_names(model)
+    chosen, base_names = set(names), base_module_names(model)
     targets = set()
     for leaf in {n.rsplit(".", 1)[-1] for n in names}:
         selected = {n for n in base_names if name_matches(n, [leaf])}
@@ -310,9 +238,11 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default", *, tas
     tensor back bit for bit (dtype kept). The most common rank and alpha become ``r`` and
     ``lora_alpha``; other layers go to ``rank_pattern`` / ``alpha_pattern`` keyed by their
     escaped full module name. Raises ValueError if no layer has ``adapter_name``, if it is
-    not a LoRA adapter, or if its layers disagree on use_rslora or dropout (which PEFT
+    not a LoRA (or DoRA) adapter, or if its layers disagree on use_rslora, dropout or DoRA (which PEFT
     cannot express per layer). ``task_type`` (one of :data:`TASK_TYPES`; None: inferred from
     the model class by :func:`infer_task_type`) lets ``AutoPeftModelFor*`` load the directory.
+    An adapter loaded by :func:`load_peft` with ``modules_to_save`` or ``bias`` writes them back
+    (the saved modules' and the biases' current values, under PEFT's keys).
     """
     if task_type is None:
         task_type = infer_task_type(model)
@@ -323,9 +253,9 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default", *, tas
         raise ValueError(f"adapter_name {adapter_name!r}: no layer of the model has this adapter")
     adapters = {n: m.adapters[adapter_name] for n, m in modules.items()}
     for n, a in adapters.items():
-        if a.kind != "lora":
+        if a.kind not in ("lora", "dora"):
             raise ValueError(f"adapter_name {adapter_name!r} on {n!r} is a {a.kind} adapter; PEFT LoRA needs LoRA")
-    for attr in ("use_rslora", "dropout"):
+    for attr in ("use_rslora", "dropout", "kind"):
         values = {getattr(a, attr) for a in adapters.values()}
         if len(values) > 1:
             raise ValueError(f"adapter_name {adapter_name!r}: layers disagree on {attr} ({sorted(values)}); "
@@ -334,6 +264,7 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default", *, tas
     r = Counter(a.r for a in adapters.values()).most_common(1)[0][0]
     alpha = Counter(a.alpha for a in adapters.values()).most_common(1)[0][0]
     names = sorted(adapters)
+    fields = peft_fields(model).get(adapter_name, dict(bias="none", modules_to_save=[]))
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -347,16 +278,35 @@ def save_peft(model: nn.Module, path: str, adapter_name: str = "default", *, tas
         "rank_pattern": {re.escape(n): adapters[n].r for n in names if adapters[n].r != r},
         "alpha_pattern": {re.escape(n): _number(adapters[n].alpha) for n in names if adapters[n].alpha != alpha},
         "fan_in_fan_out": any(isinstance(modules[n], Conv1DAdapter) for n in names),
-        "bias": "none",
+        "use_dora": first.kind == "dora",
+        "bias": fields["bias"],
+        "modules_to_save": fields["modules_to_save"] or None,
         "init_lora_weights": True,
     }
-    tensors = {}
-    for n in names:
-        tensors[f"{PREFIX}{n}.lora_A.weight"] = adapters[n].lora_A.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{n}.lora_B.weight"] = adapters[n].lora_B.detach().cpu().contiguous()
+    tensors = {k: t.detach().cpu().contiguous() for k, t in peft_tensors(model, adapter_name).items()}
     os.makedirs(path, exist_ok=True)
     _write_config(config, path)
     save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+
+
+def peft_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The live tensors :func:`save_peft` writes for ``adapter_name``, by PEFT state key: lora_A / lora_B of
+    every layer holding it, the modules it saved whole and the biases it trains (PEFT's ``bias``)."""
+    modules = adapter_modules(model, adapter_name)
+    tensors = {}
+    for n, m in sorted(modules.items()):
+        tensors[f"{PREFIX}{n}.lora_A.weight"] = m.adapters[adapter_name].lora_A
+        tensors[f"{PREFIX}{n}.lora_B.weight"] = m.adapters[adapter_name].lora_B
+        if m.adapters[adapter_name].kind == "dora":
+            tensors[f"{PREFIX}{n}.{MAGNITUDE}"] = m.adapters[adapter_name].lora_magnitude_vector
+    saved = {n: versions[adapter_name] for n, versions in saved_modules(model).items() if adapter_name in versions}
+    tensors |= {f"{PREFIX}{n}.{k}": t for n, state in saved.items() for k, t in state.items()}
+    fields = peft_fields(model).get(adapter_name)
+    if fields is not None:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        biases = _bias_keys(model, fields["bias"], sorted(modules), list(saved))
+        tensors |= {key: params[p] for key, p in biases.items()}
+    return tensors
 
 
 def from_peft_model(peft_model: nn.Module) -> nn.Module:
@@ -392,7 +342,7 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
                                       f"converts (no modules_to_save, trainable tokens or other tuners)")
     for a, cfg in getattr(peft_model, "peft_config", {}).items():
         init = getattr(cfg, "init_lora_weights", True)
-        if not _init_keeps_base(init):
+        if not init_keeps_base(init):
             raise NotImplementedError(f"adapter {a!r} was initialised with init_lora_weights={init!r}, which "
                                       f"rewrote the base weight; save_peft could not record that, so the saved "
                                       f"adapter would be silently wrong on the original base. Keep training it "
@@ -431,6 +381,7 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         parent, _, child = n.rpartition(".")
         setattr(base.get_submodule(parent), child, new)
     vars(base).pop("peft_config", None)  # PEFT's unload() drops it too
+    guard_save_pretrained(base)
     peft_model.base_model = _ConvertedTuner(base)
     peft_model.get_base_model = lambda: base
     return base

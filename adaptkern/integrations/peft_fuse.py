@@ -13,11 +13,13 @@ set_adapter, set_scale, merge, save_pretrained, ...) is seen; the module tree, p
 state dict keys never change. :func:`unfuse_peft` deletes the instance attribute: the class's
 own forward is back, exactly.
 
-What a layer kind can fuse is a :class:`FusedKind` in :data:`KINDS` (plain ``nn.Linear`` and
-transformers ``Conv1D`` bases today); :func:`register_kind` adds one (a DoRA or a 4-bit base
-forward, say) ahead of the built-in ones. A call the kind cannot run (a LoRA variant or extra
-base arguments that appeared after fusing, dropout on several adapters at once, dropout in a
-training mixed batch) runs PEFT's own forward for that call.
+What a layer kind can fuse is a :class:`FusedKind` in :data:`KINDS`: :data:`DENSE` (``lora.Linear``
+over ``nn.Linear`` or transformers ``Conv1D``), :data:`DORA` (the same with ``use_dora=True``
+adapters, through ``adaptkern.dora.dora_linear``) and :data:`QLORA` (PEFT's ``bnb.Linear4bit`` over
+a bitsandbytes 4-bit ``Linear4bit``, through ``adaptkern.quantized.qlora_linear``; DoRA on it,
+QDoRA, stays with PEFT); :func:`register_kind` adds one ahead of the built-in ones. A call the
+kind cannot run (a LoRA variant or extra base arguments that appeared after fusing, dropout on
+several adapters at once, dropout in a training mixed batch) runs PEFT's own forward for that call.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..dora import dora_linear
 from ..functional import autocast_input, lora_linear
 from ..mixed import mixed_lora_linear
+from ..quantized import QuantizedWeight, qlora_linear
 
 logger = logging.getLogger("adaptkern")
 
@@ -81,37 +85,60 @@ def _dense_claims(layer: nn.Module) -> bool:
     return isinstance(layer, LoraLinear) and type(layer.base_layer) in (nn.Linear, Conv1D)
 
 
-def _dense_unsupported(layer: nn.Module, names: list) -> Optional[str]:
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    """Adapter ``name`` is PEFT's plain DoRA on a linear layer (DoraLinearVariant, DoraLinearLayer magnitude)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return (bool(layer.use_dora.get(name)) and type(layer.lora_variant.get(name)) is DoraLinearVariant
+            and type(layer.lora_magnitude_vector[name]) is DoraLinearLayer)
+
+
+def _lora_unsupported(layer: nn.Module, names: list, dora: bool = False) -> Optional[str]:
+    """Why adapters ``names`` of a LoRA layer cannot run fused (None: they can); DoRA allowed if ``dora``."""
     base = layer.base_layer
     if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
         return "the base layer has forward hooks"
     for a in names:
         if a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a):
-            variant = layer.lora_variant.get(a)
-            return f"LoRA variant {'DoRA' if layer.use_dora.get(a) else type(variant).__name__} (adapter {a!r})"
+            if not (dora and _is_dora(layer, a)):
+                variant = layer.lora_variant.get(a)
+                return f"LoRA variant {'DoRA' if layer.use_dora.get(a) else type(variant).__name__} (adapter {a!r})"
         if getattr(layer, "lora_bias", {}).get(a):
             return f"lora_bias (adapter {a!r})"
         if type(layer.lora_A[a]) is not nn.Linear or type(layer.lora_B[a]) is not nn.Linear:
             return f"lora_A/lora_B of adapter {a!r} are not plain nn.Linear"
         if _dropout_p(layer, a) is None:
             return f"dropout module {type(layer.lora_dropout[a]).__name__} (adapter {a!r})"
+    if dora and len(names) > 1 and set(names) <= set(layer.active_adapters) and any(layer.use_dora.get(a)
+                                                                                    for a in names):
+        return "several active adapters, one of them DoRA"
     return None
 
 
-def _dense_forward(layer: nn.Module, x: Tensor, names: list) -> Tensor:
-    """Semantics: y = x·Wᵀ + b + Σ_a scaling[a]·(dropout_a(x)·A_aᵀ)·B_aᵀ in one fused launch. One
-    adapter: its scale and dropout go to the kernel. Several (no dropout active): their ranks are
-    concatenated, A = [A_1; …; A_n] [Σr, K], B = [s_1·B_1, …, s_n·B_n] [N, Σr] (scaled in ≥ fp32)."""
-    weight, bias = _weight_and_bias(layer)
+def _dense_unsupported(layer: nn.Module, names: list) -> Optional[str]:
+    return _lora_unsupported(layer, names)
+
+
+def _adapter_operands(layer: nn.Module, names: list, dtype: torch.dtype) -> tuple:
+    """(A, B, scale, dropout p) for the fused LoRA epilogue of active adapters ``names``. One adapter:
+    its own A, B, scaling and dropout. Several (no dropout active): their ranks are concatenated,
+    A = [A_1; …; A_n] [Σr, K], B = [s_1·B_1, …, s_n·B_n] [N, Σr] (scaled in ≥ fp32), scale 1."""
     if len(names) == 1:
         a = names[0]
-        return lora_linear(x, weight, bias, layer.lora_A[a].weight, layer.lora_B[a].weight,
-                           scale=layer.scaling[a], dropout=_dropout_p(layer, a))
-    dtype = autocast_input(x).dtype
+        return layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a], _dropout_p(layer, a)
     acc = torch.promote_types(dtype, torch.float32)
     lora_a = torch.cat([layer.lora_A[a].weight.to(dtype) for a in names])
     lora_b = torch.cat([(layer.lora_B[a].weight.to(acc) * layer.scaling[a]).to(dtype) for a in names], dim=1)
-    return lora_linear(x, weight, bias, lora_a, lora_b, scale=1.0)
+    return lora_a, lora_b, 1.0, 0.0
+
+
+def _dense_forward(layer: nn.Module, x: Tensor, names: list) -> Tensor:
+    """Semantics: y = x·Wᵀ + b + Σ_a scaling[a]·(dropout_a(x)·A_aᵀ)·B_aᵀ in one fused launch (several
+    adapters: see :func:`_adapter_operands`)."""
+    weight, bias = _weight_and_bias(layer)
+    lora_a, lora_b, scale, dropout = _adapter_operands(layer, names, autocast_input(x).dtype)
+    return lora_linear(x, weight, bias, lora_a, lora_b, scale=scale, dropout=dropout)
 
 
 def _dense_mixed_forward(layer: nn.Module, x: Tensor, adapter_names: list) -> Tensor:
@@ -139,7 +166,79 @@ def _dense_mixed_forward(layer: nn.Module, x: Tensor, adapter_names: list) -> Te
 DENSE = FusedKind("lora.Linear over nn.Linear / Conv1D", _dense_claims, _dense_unsupported, _dense_forward,
                   _dense_mixed_forward)
 
-KINDS: list[FusedKind] = [DENSE]
+
+
+def _dora_claims(layer: nn.Module) -> bool:
+    return _dense_claims(layer) and any(layer.use_dora.values())
+
+
+def _dora_unsupported(layer: nn.Module, names: list) -> Optional[str]:
+    return _lora_unsupported(layer, names, dora=True)
+
+
+def _dora_forward(layer: nn.Module, x: Tensor, names: list) -> Tensor:
+    """Semantics: PEFT's DoRA layer, y = x·Wᵀ + b + (g − 1)⊙(x̃·Wᵀ) + g⊙s·(x̃·Aᵀ)·Bᵀ with
+    g = m / ‖W + s·B·A‖_row (detached), x̃ = dropout(x), m = ``lora_magnitude_vector[a].weight`` [N],
+    through ``adaptkern.dora.dora_linear``; a plain LoRA adapter active on the layer runs as DENSE."""
+    if not layer.use_dora.get(names[0]):
+        return _dense_forward(layer, x, names)
+    a = names[0]
+    weight, bias = _weight_and_bias(layer)
+    return dora_linear(x, weight, bias, layer.lora_A[a].weight, layer.lora_B[a].weight,
+                       layer.lora_magnitude_vector[a].weight, scale=layer.scaling[a], dropout=_dropout_p(layer, a))
+
+
+DORA = FusedKind("lora.Linear with DoRA over nn.Linear / Conv1D", _dora_claims, _dora_unsupported, _dora_forward)
+
+
+def _peft_linear4bit():
+    """PEFT's QLoRA layer class (``peft.tuners.lora.bnb.Linear4bit``), None without bitsandbytes."""
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
+def _qlora_claims(layer: nn.Module) -> bool:
+    cls = _peft_linear4bit()
+    if cls is None or not isinstance(layer, cls):
+        return False
+    import bitsandbytes as bnb
+
+    return type(layer.base_layer) is bnb.nn.Linear4bit
+
+
+def _qlora_unsupported(layer: nn.Module, names: list) -> Optional[str]:
+    if any(layer.use_dora.get(a) for a in names):
+        return "QDoRA (DoRA on a 4-bit base)"
+    reason = _lora_unsupported(layer, names)
+    if reason is None:
+        try:
+            QuantizedWeight.from_bnb(layer.base_layer.weight)
+        except (ValueError, NotImplementedError) as e:
+            reason = f"the 4-bit weight: {e}"
+    return reason
+
+
+def _qlora_forward(layer: nn.Module, x: Tensor, names: list) -> Tensor:
+    """Semantics: PEFT's QLoRA layer, y = x_c·Wᵀ + b + Σ_a scaling[a]·(dropout_a(x_c)·A_aᵀ)·B_aᵀ with
+    W = dequantize_4bit(base weight), through ``adaptkern.quantized.qlora_linear`` (W dequantized inside
+    the kernels); y in x's dtype. x_c is x in the wider of its dtype and the base's compute dtype:
+    bitsandbytes casts x to the compute dtype (up, e.g. bf16 -> fp32, as here), while PEFT's adapter
+    branch keeps x's precision; one fused product cannot split the two, so x wider than the compute
+    dtype (fp32 activations after ``prepare_model_for_kbit_training``) runs the base in x's dtype too."""
+    base = layer.base_layer
+    dtype = x.dtype if base.compute_dtype is None else torch.promote_types(x.dtype, base.compute_dtype)
+    lora_a, lora_b, scale, dropout = _adapter_operands(layer, names, dtype)
+    y = qlora_linear(x.to(dtype), QuantizedWeight.from_bnb(base.weight), None, base.bias, lora_a, lora_b,
+                     scale=scale, dropout=dropout)
+    return y.to(x.dtype)
+
+
+QLORA = FusedKind("bnb.Linear4bit (QLoRA)", _qlora_claims, _qlora_unsupported, _qlora_forward)
+
+KINDS: list[FusedKind] = [DORA, QLORA, DENSE]
 
 
 def register_kind(kind: FusedKind) -> None:
@@ -245,9 +344,12 @@ def fuse_peft(model: nn.Module, *, strict: bool = False) -> nn.Module:
     from the layer's own Parameters. Shapes: x [..., in] -> y [..., out]; A [r, in], B [out, r]
     (Conv1D bases: W stored [in, out], read as its [out, in] transpose view). Nothing but the
     layer's instance ``forward`` changes: modules, parameters, state dict keys, PEFT's methods.
-    Layers already fused are skipped (calling it again fuses layers added since). Layers that
-    cannot run fused (DoRA and other variants, ``lora_bias``, embeddings, Conv2d, quantized
-    bases, ...) keep PEFT's forward; one log line says "fused N of M LoRA layers; kept PEFT for: ...".
+    DoRA adapters (``use_dora=True``) run ``dora_linear`` with m = ``lora_magnitude_vector``;
+    QLoRA layers (4-bit bitsandbytes bases) run ``qlora_linear`` on x cast up to the base's
+    compute dtype (never down: fp32 activations keep fp32, as PEFT's adapter branch does). Layers
+    already fused are skipped (calling it again fuses layers added since). Layers that cannot run
+    fused (QDoRA and other variants, ``lora_bias``, embeddings, Conv2d, 8-bit bases, ...) keep
+    PEFT's forward; one log line says "fused N of M LoRA layers; kept PEFT for: ...".
 
     Returns ``model``. Raises, before changing anything: ValueError if ``model`` holds no PEFT
     LoRA layer, or with ``strict=True`` if any layer would be kept for PEFT (naming them).

@@ -287,17 +287,18 @@ def test_unfusable_layers_are_kept_and_listed(caplog):
     pm.add_adapter("dora", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
     pm.add_adapter("lb", LoraConfig(r=2, target_modules=["up_proj"], lora_bias=True))
     snap = snapshot(pm)
-    with pytest.raises(ValueError, match=r"strict=True\): fused 2 of 7 LoRA layers; kept PEFT for: "
-                                         r"Embedding over Embedding.*DoRA.*lora_bias"):
+    with pytest.raises(ValueError, match=r"strict=True\): fused 4 of 7 LoRA layers; kept PEFT for: "
+                                         r"Embedding over Embedding.*lora_bias"):
         fuse_peft(pm, strict=True)
     assert_unchanged(pm, snap)
     assert not fused_layer_names(pm)
     with caplog.at_level(logging.INFO, logger="adaptkern"):
         fuse_peft(pm)
     lines = [r.getMessage() for r in caplog.records if "fuse_peft" in r.getMessage()]
-    assert len(lines) == 1 and "fused 2 of 7 LoRA layers; kept PEFT for: " in lines[0]
-    assert "base_model.model.model.layers.0.mlp.up_proj" in lines[0]
-    assert sorted(fused_layer_names(pm)) == [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert len(lines) == 1 and "fused 4 of 7 LoRA layers; kept PEFT for: " in lines[0]
+    assert "base_model.model.model.layers.0.mlp.up_proj" in lines[0] and "DoRA" not in lines[0]
+    assert sorted(fused_layer_names(pm)) == [f"base_model.model.model.layers.{i}.self_attn.{p}_proj"
+                                             for i in (0, 1) for p in "qv"]  # v_proj: the DoRA adapter
     with pytest.raises(ValueError, match="holds no PEFT LoRA layer"):
         fuse_peft(tiny_llama_seeded())
 
@@ -328,3 +329,18 @@ def test_gradient_checkpointing_deepcopy_and_pickle():
         layer = next(iter(lora_layers(clone).values()))
         assert isinstance(vars(layer)["forward"], FusedForward) and vars(layer)["forward"].layer is layer
         assert_matches_peft(clone, ref32, ref64, model_inputs("llama"), grads=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bfloat16_logits_and_gradients(arch):
+    """A bfloat16 PeftModel fused: logits and every LoRA gradient against PEFT in float64, at most twice
+    PEFT-in-bfloat16's error (the interpreter upcasts the kernels' bf16 dots, as a GPU's tensor cores
+    accumulate them in fp32)."""
+    pm = make_peft(arch).to(torch.bfloat16)
+    assert {p.dtype for p in pm.parameters()} == {torch.bfloat16}
+    pm, ref_bf16, ref64 = three(pm)
+    for model in (pm, ref_bf16, ref64):
+        model.train()
+    layers = lora_layers(pm)
+    launches = assert_matches_peft(pm, ref_bf16, ref64, model_inputs(arch), min_launches=len(layers))
+    assert sum(v for k, v in launches.items() if k not in FORWARD_KERNELS) > 0, launches

@@ -22,8 +22,9 @@ from adaptkern.integrations import Conv1DAdapter, adapter_parameters, add_lora, 
 from adaptkern.integrations.patching import set_adapter
 from adaptkern.testing import assert_close
 
-from ..models import (ARCHS, assert_unchanged, edit_peft_config, model_inputs, outputs_match_peft, randomize_lora_b,
-                      snapshot, tiny_llama, tiny_llama_seeded)
+from ..helpers import count_launches
+from ..models import (ARCHS, assert_unchanged, edit_peft_config, model_inputs, outputs_match_peft, perturb_trainable,
+                      randomize_lora_b, seq_cls_model, snapshot, tiny_llama, tiny_llama_seeded)
 
 # transformers 5 renames gradient_checkpointing_* (PEFT still calls the old names)
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")
@@ -246,10 +247,16 @@ BAD = {
     "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), ValueError, "not valid JSON"),
     "peft_type": (lambda p: edit_peft_config(p, peft_type="IA3"), NotImplementedError, "peft_type='IA3'"),
     "no peft_type": (lambda p: edit_peft_config(p, peft_type=None), ValueError, "peft_type must be"),
-    "bias": (lambda p: edit_peft_config(p, bias="all"), NotImplementedError, "bias='all'"),
-    "dora": (lambda p: edit_peft_config(p, use_dora=True), NotImplementedError, "use_dora=True"),
-    "modules_to_save": (lambda p: edit_peft_config(p, modules_to_save=["lm_head"]), NotImplementedError,
-                        "modules_to_save"),
+    "bias": (lambda p: edit_peft_config(p, bias="some"), ValueError, "bias must be one of"),
+    "dora without magnitudes": (lambda p: edit_peft_config(p, use_dora=True), ValueError,
+                                "missing .*q_proj.lora_magnitude_vector"),
+    "use_dora type": (lambda p: edit_peft_config(p, use_dora="yes"), ValueError, "use_dora must be a bool"),
+    "modules_to_save without its weights": (lambda p: edit_peft_config(p, modules_to_save=["lm_head"]), ValueError,
+                                            r"missing \['base_model.model.lm_head.weight'\]"),
+    "modules_to_save type": (lambda p: edit_peft_config(p, modules_to_save="lm_head"), ValueError,
+                             "modules_to_save must be a list of str"),
+    "layers_to_transform": (lambda p: edit_peft_config(p, layers_to_transform=[1]), ValueError,
+                            "unexpected .*layers.0.self_attn.q_proj.lora_A"),
     "r": (lambda p: edit_peft_config(p, r=0), ValueError, "r must be a positive int"),
     "dropout": (lambda p: edit_peft_config(p, lora_dropout=1.5), ValueError, "lora_dropout"),
     "targets nothing": (lambda p: edit_peft_config(p, target_modules=["nope"]), ValueError, "matches no module"),
@@ -387,3 +394,93 @@ def test_save_peft_task_type_and_auto_peft_model(arch, task, tmp_path):
     assert json.loads((tmp_path / "seq_cls" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     with pytest.raises(ValueError, match="task_type must be None or one of"):
         save_peft(ours, str(tmp_path / "bad"), task_type="causal")
+
+
+# -- SEQ_CLS adapters: modules_to_save, bias, layers_to_transform --------------------------------------------
+
+SEQ_CLS = {  # (arch, LoraConfig kwargs)
+    "bert lora_only bias": ("bert", dict(target_modules=["query", "value"], bias="lora_only")),
+    "bert all biases": ("bert", dict(target_modules=["query", "value", "dense"], bias="all")),
+    "llama layers_to_transform": ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"],
+                                                layers_to_transform=[1], layers_pattern="layers")),
+}
+
+
+def seq_cls_pair(case, tmp_path):
+    """(base, trained PEFT SEQ_CLS model, its saved directory): LoRA B, the head copy PEFT saves
+    (modules_to_save) and the trained biases all moved off their initial values."""
+    arch, kwargs = SEQ_CLS[case]
+    base = seq_cls_model(arch)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, **kwargs))
+    perturb_trainable(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    return base, pm.eval(), tmp_path / "peft"
+
+
+def seq_cls_logits(model, seed=1):
+    ids = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("case", list(SEQ_CLS))
+def test_seq_cls_adapter_loads_like_peft_and_round_trips(case, tmp_path):
+    """A SEQ_CLS adapter PEFT saved (its head saved whole, biases per ``bias``, LoRA on some layers only)
+    loads exactly: PEFT's logits under the tolerance rule with the fused kernels running, PEFT's trainable
+    parameters; save_peft writes PEFT's keys with bit-equal tensors, and PEFT loads that back."""
+    base, pm, path = seq_cls_pair(case, tmp_path)
+    ours = load_peft(copy.deepcopy(base), str(path))
+    peft_layers = {n[len("base_model.model."):] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert {n for n, m in ours.named_modules() if isinstance(m, AdapterLinear)} == peft_layers
+    if "layers_to_transform" in case:
+        assert peft_layers and all(".layers.1." in n for n in peft_layers)
+    with count_launches() as launches:
+        out = seq_cls_logits(ours)
+    assert sum(launches.values()) >= len(peft_layers)
+    assert_close("logits", seq_cls_logits(copy.deepcopy(pm).double()).double(), out, seq_cls_logits(pm))
+    trainable = lambda m: sorted(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    pm_train = PeftModel.from_pretrained(copy.deepcopy(base), str(path), is_trainable=True)
+    assert trainable(ours) == trainable(pm_train)
+
+    save_peft(ours, str(tmp_path / "ours"))
+    theirs = load_file(path / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    wrapper_copies = {k for k in theirs if ".original_module." in k or ".modules_to_save." in k}  # PEFT ignores these
+    assert set(mine) == set(theirs) - wrapper_copies
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["bias"]) == ("SEQ_CLS", SEQ_CLS[case][1].get("bias", "none"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    assert_close("logits (PEFT loads save_peft)", seq_cls_logits(copy.deepcopy(back).double()).double(), out,
+                 seq_cls_logits(back))
+
+
+def test_saved_head_follows_the_active_adapter(tmp_path):
+    """As PEFT's ModulesToSaveWrapper: the saved head runs while its adapter is active, the model's own
+    head with adapters disabled, under another adapter or after delete_adapter; merge_and_unload keeps it."""
+    from adaptkern.integrations.patching import delete_adapter, disable_adapters, merge_and_unload
+
+    base, pm, path = seq_cls_pair("bert lora_only bias", tmp_path)
+    ours = load_peft(copy.deepcopy(base), str(path))
+    add_lora(ours, "other", r=2, target_modules=["key"])
+    adapted = seq_cls_logits(ours)
+    assert ours.classifier.weight.requires_grad  # the adapter's copy trains, the model's own does not
+    with disable_adapters(ours):
+        assert torch.equal(ours.classifier.weight, base.classifier.weight) and not ours.classifier.weight.requires_grad
+        with pm.disable_adapter():
+            assert_close("disabled", seq_cls_logits(copy.deepcopy(pm).double()).double(), seq_cls_logits(ours),
+                         seq_cls_logits(pm))
+    assert torch.equal(seq_cls_logits(ours), adapted)
+    set_adapter(ours, "other")
+    assert torch.equal(ours.classifier.weight, base.classifier.weight)
+    set_adapter(ours, "default")
+    with pytest.warns(UserWarning, match="writes the base model only"):
+        ours.save_pretrained(tmp_path / "base")  # the model's own head, not the adapter's
+    saved = load_file(tmp_path / "base" / "model.safetensors")
+    assert torch.equal(saved["classifier.weight"], base.classifier.weight)
+    assert not torch.equal(ours.classifier.weight, base.classifier.weight)
+    merged = merge_and_unload(copy.deepcopy(ours))
+    assert_close("merged", seq_cls_logits(copy.deepcopy(pm).merge_and_unload().double()).double(),
+                 seq_cls_logits(merged), seq_cls_logits(pm))
+    delete_adapter(ours, "default")
+    assert torch.equal(ours.classifier.weight, base.classifier.weight) and not vars(ours)["adaptkern_saved_modules"]

@@ -198,3 +198,68 @@ def test_save_peft_after_from_peft_model_keeps_the_training(spent, tmp_path):
     assert sum(type(m) is LoraLinear for m in ref.modules()) == len(TARGETS) * 2
     with torch.no_grad():
         assert torch.equal(ref(**inputs).logits, before)
+
+
+# -- PEFT's own config parsing and target matching where peft imports; the fallback agrees -------------------
+
+FEATURES = {
+    "layers_to_transform": dict(target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]),
+    "layers_pattern": dict(target_modules=["k_proj", "down_proj"], layers_to_transform=0, layers_pattern=["layers"]),
+    "regex": dict(target_modules=r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.gate_proj)"),
+    "exclude and patterns": dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                                 exclude_modules=["model.layers.0.self_attn.q_proj"],
+                                 rank_pattern={r"layers\.1\.mlp\..*": 6}, alpha_pattern={"v_proj": 3}),
+    "all-linear": dict(target_modules="all-linear"),
+    "modules_to_save": dict(target_modules="all-linear", modules_to_save=["down_proj"]),  # saved whole, no LoRA
+}
+
+
+def _hide_peft(monkeypatch):
+    """Make every ``import peft...`` raise ImportError, as on a machine without peft."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _layers(model):
+    return {n: (m.adapters["default"].r, m.adapters["default"].scale, m.adapters["default"].lora_A)
+            for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+@pytest.mark.parametrize("case", list(FEATURES))
+def test_peft_matcher_is_used_and_the_fallback_agrees(case, tmp_path, monkeypatch):
+    """With peft, load_peft asks PEFT's LoraConfig.from_pretrained, check_target_module_exists and
+    load_peft_weights; with peft hidden, the fallback selects the same layers with the same ranks,
+    scales and tensors, and both equal PEFT's model."""
+    from peft.tuners import tuners_utils
+    from peft.utils import save_and_load
+
+    pm = get_peft_model(tiny_llama_seeded(), LoraConfig(r=4, lora_alpha=8, **FEATURES[case]))
+    randomize_lora_b(pm)
+    with torch.no_grad():  # the copies PEFT saves whole, moved off the base's values
+        for n, p in pm.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.05)
+    pm.save_pretrained(tmp_path)
+    calls = []
+    for module, fn in ((tuners_utils, "check_target_module_exists"), (save_and_load, "load_peft_weights"),
+                       (peft.LoraConfig, "from_pretrained")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _fn=fn, **k: (calls.append(_fn), _real(*a, **k))[1])
+    monkeypatch.setattr(peft.utils, "load_peft_weights", save_and_load.load_peft_weights)
+    with_peft = load_peft(tiny_llama_seeded(), str(tmp_path))
+    assert {"check_target_module_exists", "load_peft_weights", "from_pretrained"} <= set(calls)
+    peft_layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    layers = _layers(with_peft)
+    assert set(layers) == set(peft_layers)
+    assert all((r, s) == (peft_layers[n].r["default"], peft_layers[n].scaling["default"])
+               for n, (r, s, _) in layers.items())
+    outputs_match_peft(pm, with_peft)
+
+    _hide_peft(monkeypatch)
+    without = _layers(load_peft(tiny_llama_seeded(), str(tmp_path)))
+    assert set(without) == set(layers)
+    assert all(without[n][:2] == layers[n][:2] and torch.equal(without[n][2], layers[n][2]) for n in layers)
+    save_peft(with_peft, str(tmp_path / "fallback"))  # config written without peft's LoraConfig
+    assert set(_layers(load_peft(tiny_llama_seeded(), str(tmp_path / "fallback")))) == set(layers)
