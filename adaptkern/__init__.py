@@ -50,7 +50,7 @@ _INTEGRATIONS = {
     "load_adapterhub": "adapterhub", "save_adapterhub": "adapterhub_save", "adapterhub_config": "bottleneck_config",
     "fuse_peft": "peft_fuse", "unfuse_peft": "peft_fuse",
     "merge_and_unload": "patching", "disable_adapters": "patching", "delete_adapter": "patching",
-    "trainable_summary": "patching",
+    "trainable_summary": "patching", "AdapterTrainer": "trainer",
 }
 __all__ += sorted(_INTEGRATIONS)
 

@@ -11,7 +11,11 @@ _NAMES = {
     "Conv1DAdapter": "patching", "adapter_parameters": "patching", "add_bottleneck": "bottleneck_config",
     "add_lora": "patching", "patch": "patching", "set_adapter": "patching", "target_module_names": "patching",
     "load_adapterhub": "adapterhub", "save_adapterhub": "adapterhub_save", "adapterhub_config": "bottleneck_config",
-    "from_peft_model": "peft", "load_peft": "peft", "save_peft": "peft",
+    "from_peft_model": "peft", "load_peft": "peft", "save_peft": "peft", "peft_tensors": "peft",
+    "fuse_peft": "peft_fuse", "unfuse_peft": "peft_fuse", "merge_and_unload": "patching",
+    "disable_adapters": "patching", "delete_adapter": "patching", "trainable_summary": "patching",
+    "AdapterTrainer": "trainer", "AdapterCheckpointMixin": "trainer", "save_adapters": "trainer",
+    "load_adapters": "trainer",
 }
 __all__ = sorted(_NAMES)
 
