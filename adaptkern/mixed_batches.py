@@ -15,7 +15,8 @@ from . import validation as check
 from .functional import autocast_input
 from .mixed import run_mixed
 from .ops import common
-from .ops.common import ACT_CODES
+from .ops.common import ACT_CODES, acc_dtype
+from .ops.dora_linear import weight_norm
 from .ops.mixed_adapter_linear import SlotStack
 from .pool import AdapterPool
 
@@ -44,22 +45,26 @@ class MixedBatchLayer(nn.Module):
         self._snapshot: Optional[AdapterPool] = None  # adapter_batch's pool, reused between blocks
         self._slot_meta = None  # cache of _slot_metadata
 
-    def _refuse_mixed(self, names=None) -> None:
-        """NotImplementedError for what mixed batches cannot run: a 4-bit base, or a DoRA adapter
-        among ``names`` (None: any the layer holds; a DoRA slot needs a per-output scale the mixed
-        kernels do not apply). PEFT refuses ``adapter_names`` with DoRA as well."""
+    def _refuse_mixed(self) -> None:
+        """NotImplementedError for what mixed batches cannot run: a 4-bit base."""
         if self._four_bit:
             raise NotImplementedError("mixed-adapter batches on a 4-bit (bitsandbytes Linear4bit) base are not "
                                       "implemented; run one adapter at a time (set_adapter)")
-        dora = sorted(n for n, a in self.adapters.items() if a.kind == "dora" and (names is None or n in names))
-        if dora:
-            raise NotImplementedError(f"mixed-adapter batches with DoRA adapters ({dora}) are not implemented; "
-                                      f"run a DoRA adapter alone (set_adapter)")
+
+    def _refuse_dora_training(self) -> None:
+        """NotImplementedError when the live path would have to train a DoRA adapter: a DoRA slot's
+        scale g = m / ‖W + s·B·A‖_row enters the mixed kernels as a constant, so its magnitude m would
+        get no gradient (mixed batches with DoRA are for inference: no_grad, or frozen parameters)."""
+        dora = sorted(n for n, a in self.adapters.items() if a.kind == "dora")
+        if dora and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise NotImplementedError(f"training mixed-adapter batches with DoRA adapters ({dora}) is not "
+                                      f"implemented (their magnitude would get no gradient); run them under "
+                                      f"torch.no_grad(), or train a DoRA adapter alone (set_adapter)")
 
     def _slot_tensors(self, adapter, r_max: int):
         """(A [r_max, K], a [r_max], B [N, r_max], c [N], scale, act code, rank): one slot, padded
         to r_max, differentiable; a sequential bottleneck is folded in every call (nothing kept)."""
-        if adapter.kind == "lora":
+        if adapter.kind in ("lora", "dora"):  # DoRA's g: _col_scales
             a_w, a_b, b_w, b_b, act = adapter.lora_A, None, adapter.lora_B, None, "identity"
         else:
             b_w, b_b, act = adapter.up_weight, adapter.up_bias, adapter.activation
@@ -88,6 +93,22 @@ class MixedBatchLayer(nn.Module):
                          torch.zeros(n, **f), 0.0, 0, 0)
             stack.append(empty)
         return stack
+
+    def _col_scales(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """G [S, N] (in the accumulate dtype of ``dtype``): g = m / ‖W + s·B·A‖_row of each DoRA slot
+        from W, A, B and m in ``dtype``, as the single-adapter DoRA forward computes it; ones for
+        the other slots. None while the layer holds no DoRA adapter. Computed anew every call."""
+        dora = {slot: self.adapters[name] for name, slot in self._slots.items()
+                if self.adapters[name].kind == "dora"}
+        if not dora:
+            return None
+        g = torch.ones(max(self._slots.values()) + 1, self.out_features, dtype=acc_dtype(dtype),
+                       device=self.weight.device)
+        with torch.no_grad():
+            for slot, a in dora.items():
+                g[slot] = weight_norm(self.weight.to(dtype), a.lora_A.to(dtype), a.lora_B.to(dtype), a.scale,
+                                      a.lora_magnitude_vector.to(dtype))[1]
+        return g
 
     def _slot_metadata(self, slots, device, acc) -> tuple:
         """(scales, acts, ranks) device tensors, rebuilt only when their values change: no
@@ -126,16 +147,18 @@ class MixedBatchLayer(nn.Module):
                                       "call eval()")
         if not self.adapters:
             raise ValueError("adapter_ids given, but this layer has no adapters")
+        self._refuse_dora_training()
         check.linear_input(x, self.weight)
         x = autocast_input(x)
         ids = self._mixed_ids(x, adapter_ids, max(self._slots.values()) + 1, adapter_ids is self._batch_ids)
         r_max = max(a.rank for a in self.adapters.values())
         slots = self._slot_stack(r_max)
-        lora_only = all(a.kind == "lora" for a in self.adapters.values())
+        lora_only = all(a.kind in ("lora", "dora") for a in self.adapters.values())
         down_w, down_b, up_w, up_b = (None if lora_only and i in (1, 3) else torch.stack([s[i] for s in slots])
                                       .to(x.dtype) for i in range(4))
         scales, acts, ranks = self._slot_metadata(slots, x.device, torch.promote_types(x.dtype, torch.float32))
-        stack = SlotStack(down_w, down_b, up_w, up_b, scales, ranks, None if lora_only else acts)
+        stack = SlotStack(down_w, down_b, up_w, up_b, scales, ranks, None if lora_only else acts,
+                          self._col_scales(x.dtype))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = run_mixed(x.reshape(-1, self.in_features), self.weight.to(x.dtype), bias, stack, ids)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -176,7 +199,7 @@ class MixedBatchLayer(nn.Module):
         """
         if not isinstance(pool, AdapterPool):
             raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
-        self._refuse_mixed(names=())
+        self._refuse_mixed()
         if (pool.out_features, pool.in_features) != (self.out_features, self.in_features) or \
                 pool.device != self.weight.device:
             raise ValueError(f"pool for [{pool.out_features}, {pool.in_features}] on {pool.device} does not fit this "
@@ -208,6 +231,8 @@ class MixedBatchLayer(nn.Module):
         for slot, a in enumerate(adapters):
             if a.kind == "lora":
                 pool.load_lora(slot, a.lora_A, a.lora_B, a.scale, validate_values=False)
+            elif a.kind == "dora":  # g from the weights in the pool's dtype, computed here once per block
+                pool.load_dora(slot, a.lora_A, a.lora_B, a.lora_magnitude_vector, a.scale, base_weight=self.weight)
             else:
                 pool.load_bottleneck(slot, a.down_weight, a.down_bias, a.up_weight, a.up_bias,
                                      activation=a.activation, placement=a.placement, scale=a.scale,
@@ -230,13 +255,16 @@ def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
     layer that does not hold a named adapter runs its base for those rows, as PEFT does for
     modules an adapter does not target. Works for ``model(...)`` and ``model.generate``,
     beams and ``num_return_sequences`` included (generate's expanded batch is mapped back).
+    A DoRA adapter's rows get g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, g = m / ‖W + s·B·A‖_row (PEFT's DoRA
+    in eval mode), next to LoRA and bottleneck rows; for inference only (see below).
 
     Cost: entering the block copies the adapters ``names`` names into a per-layer pool (once;
     the other adapters a layer holds are never touched), so every forward inside the block
     reads that pool with no per-call work on it: a step costs the same whether a layer holds
     2 or 200 adapters. The block reads the adapters' weights as they are when it is entered.
     In training mode, or when gradients flow to the layers or their adapters, forwards read
-    the parameters live instead (differentiable; each call restacks them).
+    the parameters live instead (differentiable; each call restacks them); a layer holding a
+    DoRA adapter then raises NotImplementedError while gradients flow (its magnitude would get none).
     """
     layers = [m for m in module.modules() if isinstance(m, MixedBatchLayer)]
     if not layers:
@@ -249,7 +277,7 @@ def adapter_batch(module: nn.Module, names: Sequence[Optional[str]]):
     if unknown:
         raise ValueError(f"unknown adapter names {unknown}; the model has {sorted(known)}")
     for m in layers:
-        m._refuse_mixed(names)
+        m._refuse_mixed()
     previous = [(m._batch_ids, m._batch_pool) for m in layers]
     for m in layers:
         m._batch_ids = torch.tensor([m._slots.get(n, -1) if n is not None else -1 for n in names],

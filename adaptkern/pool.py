@@ -8,6 +8,7 @@ from torch import Tensor
 from . import validation as check
 from .ops import common
 from .ops.common import ACT_CODES
+from .ops.dora_linear import weight_norm
 from .ops.mixed_adapter_linear import SlotStack
 
 
@@ -19,6 +20,8 @@ class AdapterPool:
     Each slot holds (A [R_max, K], a [R_max], B [N, R_max], c [N], scale, rank, activation):
     a LoRA adapter (a = c = 0, identity), a parallel bottleneck (A = D), or a sequential
     bottleneck with its down-projection folded through the base (A = D·W, a = D·b + d).
+    A DoRA slot is LoRA plus a per-output scale g_s = m_s / ‖W + scale_s·B_s·A_s‖_row, computed
+    when it is loaded (:meth:`load_dora`): its rows get g_s ⊙ (x·Wᵀ + scale_s·(x·A_sᵀ)·B_sᵀ) + b.
     Slots of different kinds and ranks mix freely in one batch; a slot's real rank bounds
     the kernels' rank loop. Tensors keep fixed addresses across load/evict, so a captured
     CUDA graph sees new adapters without re-capture.
@@ -26,7 +29,8 @@ class AdapterPool:
     Shapes: down_weight [S, R_max, K], up_weight [S, N, R_max], down_bias [S, R_max],
     up_bias [S, N] (LoRA slots store lora_A as down_weight, lora_B as up_weight) in
     ``dtype`` (a floating dtype), scales [S] in the kernels' accumulate dtype (float64 for a
-    float64 pool, else float32), ranks [S] int32, acts [S] int32.
+    float64 pool, else float32), ranks [S] int32, acts [S] int32, col_scales [S, N] in the
+    scales' dtype (g_s of DoRA slots, ones for every other slot).
 
     Every mutating call checks all its arguments, including that what would be stored is
     finite in the pool's dtypes, before it changes anything: a failed call leaves the pool
@@ -52,6 +56,7 @@ class AdapterPool:
         self.scales = torch.zeros(num_slots, dtype=scale_dtype, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.acts = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.col_scales = torch.ones(num_slots, out_features, dtype=scale_dtype, device=device)
         self.kinds: list = [None] * num_slots  # host-side: None, "lora", "bottleneck_parallel", ...
 
     @property
@@ -108,10 +113,12 @@ class AdapterPool:
         return check.real("scale", scale, self.scales.dtype)
 
     @torch.no_grad()
-    def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act, non_blocking=False):
+    def _store(self, slot, kind, a_w, a_b, b_w, b_b, scale, act, non_blocking=False, col_scale=None):
         """Write a checked adapter into ``slot`` (copy_ casts and moves it): cannot fail."""
         r = a_w.shape[0]
         self._clear(slot)
+        if col_scale is not None:
+            self.col_scales[slot].copy_(col_scale, non_blocking=non_blocking)
         self.down_weight[slot, :r].copy_(a_w, non_blocking=non_blocking)
         self.up_weight[slot, :, :r].copy_(b_w, non_blocking=non_blocking)
         if a_b is not None:
@@ -138,6 +145,33 @@ class AdapterPool:
         b = self._cast("lora_b", self._check("lora_b", lora_b, (self.out_features, r), validate_values),
                        validate_values)
         self._store(slot, "lora", a, None, b, None, self._scale(scale), "identity", non_blocking)
+
+    def load_dora(self, slot: int, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, scale: float, *,
+                  base_weight: Tensor) -> None:
+        """Put DoRA (lora_a [r, K], lora_b [N, r], magnitude m [N], scale) in ``slot``, replacing what
+        was there.
+
+        Semantics: rows of the slot get g ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b with g = m / ‖W + scale·B·A‖_row
+        (PEFT's DoRA in eval mode, ``lora_magnitude_vector`` = m; the bias is not scaled). g is
+        computed here, from ``base_weight`` W [N, K] (the layer's weight) and A, B, m cast to the
+        pool's dtype, and stored in ``col_scales``: reload the slot whenever W (or the adapter) changes.
+
+        Errors: ValueError/TypeError naming the argument (shapes, non-finite values, a g that is not
+        finite in the scales' dtype, e.g. a row whose norm is 0), before the slot changes.
+        """
+        slot = self._slot(slot)
+        r = self._rank("lora_a", lora_a)
+        a = self._cast("lora_a", self._check("lora_a", lora_a, (r, self.in_features)))
+        b = self._cast("lora_b", self._check("lora_b", lora_b, (self.out_features, r)))
+        m = self._cast("magnitude", self._check("magnitude", magnitude, (self.out_features,)))
+        w = self._cast("base_weight", self._check("base_weight", base_weight, (self.out_features, self.in_features)))
+        scale = self._scale(scale)
+        g = weight_norm(w, a, b, scale, m)[1].to(self.scales.dtype)
+        if not check.finite_in(g, self.scales.dtype):
+            raise ValueError(f"the DoRA scale magnitude / ‖base_weight + scale·lora_b·lora_a‖_row is not finite in "
+                             f"{self.scales.dtype} (a row of norm 0, or an overflow): rows "
+                             f"{(~torch.isfinite(g)).nonzero().squeeze(1).tolist()[:8]}")
+        self._store(slot, "dora", a, None, b, None, scale, "identity", col_scale=g)
 
     def load_bottleneck(self, slot: int, down_weight: Tensor, down_bias, up_weight: Tensor, up_bias, *,
                         activation: str, placement: str, scale: float, base_weight=None, base_bias=None,
@@ -184,21 +218,24 @@ class AdapterPool:
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
         self.acts[slot] = 0
+        self.col_scales[slot] = 1.0
         self.kinds[slot] = None
 
     def slot_stack(self, dtype: torch.dtype, *, full: bool = True) -> SlotStack:
         """The pool as the mixed op reads it, adapter tensors in ``dtype`` (x's dtype).
 
         ``full`` (the default): always the full set, whatever kinds are loaded now: a CUDA graph
-        captured while the pool held only LoRA slots must stay right after a bottleneck is
-        loaded. ``full=False``: while every loaded slot is LoRA, the biases and activations are
-        left out (None), so the kernels skip reading them; the result is the same.
+        captured while the pool held only LoRA slots must stay right after a bottleneck or a DoRA
+        adapter is loaded. ``full=False``: while every loaded slot is LoRA or DoRA, the biases and
+        activations are left out (None), and while none is DoRA the column scales too, so the
+        kernels skip reading them; the result is the same.
         """
         acc = torch.promote_types(dtype, torch.float32)
-        lora = not full and all(kind in (None, "lora") for kind in self.kinds)
+        lora = not full and all(kind in (None, "lora", "dora") for kind in self.kinds)
+        dora = full or "dora" in self.kinds
         return SlotStack(self.down_weight.to(dtype), None if lora else self.down_bias.to(dtype),
                          self.up_weight.to(dtype), None if lora else self.up_bias.to(dtype), self.scales.to(acc),
-                         self.ranks, None if lora else self.acts)
+                         self.ranks, None if lora else self.acts, self.col_scales.to(acc) if dora else None)
 
     def __repr__(self) -> str:
         used = sum(k is not None for k in self.kinds)

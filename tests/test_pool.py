@@ -50,6 +50,12 @@ def _bottleneck(slot=1, placement="sequential", down=None, down_bias=None, up_bi
                                        _t(PN) if up_bias is None else up_bias, placement=placement, **kw)
 
 
+def _dora(slot=1, magnitude=None, w=None, b=None, scale=1.0):
+    return lambda p: p.load_dora(slot, _t(2, PK, seed=1), _t(PN, 2, seed=2) if b is None else b,
+                                 _t(PN, value=2.0) if magnitude is None else magnitude, scale,
+                                 base_weight=_t(PN, PK, seed=3) if w is None else w)
+
+
 FP16_MAX_PLUS = 7e4  # finite in float32, Inf in float16
 FAILURES = {
     "scale-str": (torch.float32, _lora(scale="1"), TypeError, "scale must be a real number, got str"),
@@ -97,6 +103,18 @@ FAILURES = {
     "slot-past-end": (torch.float32, _lora(slot=3), ValueError, r"slot must be an int in \[0, 3\), got 3"),
     "slot-negative": (torch.float32, _lora(slot=-1), ValueError, r"slot must be an int in \[0, 3\), got -1"),
     "slot-str": (torch.float32, _bottleneck(slot="1"), ValueError, r"slot must be an int in \[0, 3\), got '1'"),
+    "dora-magnitude-shape": (torch.float32, _dora(magnitude=_t(PN + 1)), ValueError,
+                             r"magnitude must have shape \(5,\), got \(6,\)"),
+    "dora-magnitude-nan": (torch.float32, _dora(magnitude=_t(PN, value="nan")), ValueError,
+                           "magnitude contains NaN or Inf"),
+    "dora-base_weight-shape": (torch.float32, _dora(w=_t(PK, PN)), ValueError, r"base_weight must have shape \(5, 6\)"),
+    "dora-zero-norm": (torch.float32, _dora(w=_t(PN, PK, value=0.0), b=_t(PN, 2, value=0.0)), ValueError,
+                       r"DoRA scale .* is not finite in torch.float32 \(a row of norm 0"),
+    "dora-g-overflow": (torch.float32, _dora(magnitude=_t(PN, value=1e30), w=_t(PN, PK, value=1e-12),
+                                             b=_t(PN, 2, value=0.0)), ValueError, "is not finite in torch.float32"),
+    "dora-fp16-magnitude-overflow": (torch.float16, _dora(magnitude=_t(PN, value=FP16_MAX_PLUS)), ValueError,
+                                     "magnitude contains NaN or Inf in the pool's dtype"),
+    "dora-scale-nan": (torch.float32, _dora(scale=float("nan")), ValueError, "scale must be finite"),
     "evict-slot-past-end": (torch.float32, lambda p: p.evict(3), ValueError, r"slot must be an int in \[0, 3\)"),
     "evict-slot-bool": (torch.float32, lambda p: p.evict(True), ValueError, r"slot must be an int in \[0, 3\)"),
 }
@@ -149,3 +167,48 @@ def test_fp64_pool_keeps_scales_in_fp64(path_device):
     want = mixed_reference.mixed_adapter_linear_ref(x, w, bias, a[None], None, b[None], None,
                                               torch.tensor([1 / 3], dtype=torch.float64), None, None, ids)
     assert_close("y", want, y.cpu())
+
+
+def test_load_dora_stores_g_and_evict_resets_it():
+    """g = m / ‖W + s·B·A‖_row in the slot's column scales (float64 oracle), ones everywhere else; an
+    evicted or overwritten slot is back to ones; slot_stack carries them (full, or while a DoRA slot is held)."""
+    pool = loaded_pool(torch.float32)
+    a, b, m, w = _t(2, PK, seed=1), _t(PN, 2, seed=2), _t(PN, seed=4).abs() + 0.5, _t(PN, PK, seed=3)
+    assert pool.slot_stack(torch.float32, full=False).col_scales is None
+    pool.load_dora(2, a, b, m, 0.75, base_weight=w)
+    want = m.double() / torch.linalg.norm(w.double() + 0.75 * b.double() @ a.double(), dim=1)
+    assert_close("g", want, pool.col_scales[2])
+    assert torch.equal(pool.col_scales[:2], torch.ones(2, PN))
+    assert pool.kinds[2] == "dora" and pool.ranks[2] == 2 and pool.scales[2] == 0.75
+    assert torch.equal(pool.up_weight[2, :, :2], b) and torch.equal(pool.down_weight[2, :2], a)
+    assert torch.equal(pool.slot_stack(torch.bfloat16, full=False).col_scales, pool.col_scales)
+    pool.load_lora(2, a, b, scale=1.0)
+    assert torch.equal(pool.col_scales[2], torch.ones(PN))
+    pool.load_dora(2, a, b, m, 0.75, base_weight=w)
+    pool.evict(2)
+    assert torch.equal(pool.col_scales, torch.ones(3, PN)) and pool.kinds[2] is None
+    assert torch.equal(pool.slot_stack(torch.float32).col_scales, torch.ones(3, PN))
+
+
+def test_fp64_dora_pool_mixed_with_lora_and_bottleneck(path_device):
+    """A float64 pool holding LoRA, a sequential bottleneck and DoRA, through mixed_adapter_linear on both paths."""
+    pool = loaded_pool(torch.float64)
+    a, b, m, w = (t.double() for t in (_t(3, PK, seed=11), _t(PN, 3, seed=12), _t(PN, seed=13).abs() + 0.5,
+                                       _t(PN, PK, seed=7)))
+    pool.load_dora(2, a, b, m, 1.25, base_weight=w)
+    pool = copy.deepcopy(pool)
+    for name in ("down_weight", "down_bias", "up_weight", "up_bias", "scales", "ranks", "acts", "col_scales"):
+        setattr(pool, name, getattr(pool, name).to(path_device))
+    x, bias = _t(8, PK, dtype=torch.float64, seed=20), _t(PN, seed=8, dtype=torch.float64)
+    ids = torch.tensor([2, 0, -1, 1, 2, 2, 0, 1], dtype=torch.int32)
+    y = adaptkern.mixed_adapter_linear(x.to(path_device), w.to(path_device), bias.to(path_device), pool,
+                                       ids.to(path_device))
+    g = m / torch.linalg.norm(w + 1.25 * b @ a, dim=1)
+    dora_rows = ids == 2
+    want = g * (x[dora_rows] @ w.t() + 1.25 * (x[dora_rows] @ a.t()) @ b.t()) + bias
+    assert_close("DoRA rows", want, y.cpu()[dora_rows])
+    others = ~dora_rows
+    stack = pool.slot_stack(torch.float64)
+    want_others = mixed_reference.mixed_adapter_linear_ref(
+        x, w, bias, *(t.cpu() for t in stack[:5]), stack.ranks.cpu(), stack.acts.cpu(), ids)[others]
+    assert_close("other rows", want_others, y.cpu()[others])

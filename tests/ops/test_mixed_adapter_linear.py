@@ -293,7 +293,7 @@ def test_opcheck_and_compile(device):
     ids = torch.tensor([0, 1, -1, 4, 4, 2, 0, 3, -1, 1], dtype=torch.int32, device=device)
     leaves = [t.requires_grad_() for t in (x, a, b)]
     torch.library.opcheck(mixed_adapter_linear_op, (leaves[0], w, bias, [leaves[1]], None, [leaves[2]], None, scales,
-                                                    None, None, ids, None, None, True))
+                                                    None, None, ids, None, None, True, None))
 
     def f(x, a, b, ids):
         return adaptkern.mixed_lora_linear(x, w, bias, a, b, ids, scales=scales).relu().sum()
@@ -450,9 +450,10 @@ def mixed_inputs(ids, dtype=torch.float32, seed=0, device="cpu"):
 
 
 def op_args(inputs, *rest):
-    """The op's arguments for ``mixed_inputs``: one slice (A and B as one-element lists), no SlotMapping."""
+    """The op's arguments for ``mixed_inputs``: one slice (A and B as one-element lists), no SlotMapping,
+    no column scales."""
     x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids = inputs
-    return [x, w, b, [a_all], a_bias, [b_all], b_bias, scales, ranks, acts, ids, None, None, *rest]
+    return [x, w, b, [a_all], a_bias, [b_all], b_bias, scales, ranks, acts, ids, None, None, *rest, None]
 
 
 def mixed_oracle(inputs, gy):

@@ -4,6 +4,9 @@ Row i with slot s = ids[i] (``-1``: base only) computes::
 
     z_i = x_i·A_s[:r_s]ᵀ + a_s,   y_i = x_i·Wᵀ + b + scale_s·(f_s(z_i)·B_s[:, :r_s]ᵀ + c_s)
 
+With per-slot column scales G [S, N] (``HAS_COL_SCALE``: DoRA slots, g_s = m_s / ‖W + s_s·B_s·A_s‖_row)
+all but the bias is scaled: y_i = G_s ⊙ (x_i·Wᵀ + scale_s·(…)) + b (rows without a slot: ·1).
+
 With output slices (q/k/v, gate/up: slice i owns columns [o_i, o_i + N_i) and has its own
 A_i, B_i), slice i's columns get scale_s·(x_i·A_{i,s}[:r_s]ᵀ)·B_{i,s}[:, :r_s]ᵀ; the slices are a
 tuple of tensors (``NS`` of them) walked with a static loop.
@@ -156,16 +159,18 @@ def _mixed_adapter_linear_kernel(
     acts_ptr,  # [S] int32 activation codes
     ids_ptr,  # [M]
     perm_ptr,  # [M] int32 (SORTED)
+    cs_ptr,  # [S, N] ACC column scales, unit stride in N (HAS_COL_SCALE; BASE and not ADD)
     M, N, K, R, S, SPLIT,
     col_starts, col_widths,  # slice i owns columns [col_starts[i], col_starts[i] + col_widths[i]) of y
     stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ps, stride_pp, stride_pm,
     a_strides,  # (s, r, k) strides of every slice of A, flattened
     stride_abs, stride_abr,
     b_strides,  # (s, n, r) strides of every slice of B, flattened
-    stride_bbs, stride_bbn,
+    stride_bbs, stride_bbn, stride_css,
     NS: tl.constexpr, BASE: tl.constexpr, ADD: tl.constexpr, FUSED_SHRINK: tl.constexpr,
     SORTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, HAS_BB: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_ACTS: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     R_TILES: tl.constexpr, GROUP_M: tl.constexpr,
@@ -288,6 +293,11 @@ def _mixed_adapter_linear_kernel(
         if SORTED:
             rows = tl.load(perm_ptr + jj, mask=ok, other=-1)
         rows = rows.to(tl.int64)
+    if HAS_COL_SCALE:  # after the K loop (the adapter part is already in acc), before the bias
+        cs = tl.load(ids_ptr + rows, mask=ok, other=-1).to(tl.int32)
+        cs = tl.where((cs >= 0) & (cs < S), cs, -1)  # as _block_rows: other ids are base only (·1)
+        acc *= tl.load(cs_ptr + cs.to(tl.int64)[:, None] * stride_css + rn[None, :],
+                       mask=(cs >= 0)[:, None] & n_ok[None, :], other=1.0).to(ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     row_ok = ok & (slots >= 0) if ADD else ok  # adding: rows without a slot are not written

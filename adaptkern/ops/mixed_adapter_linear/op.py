@@ -4,6 +4,10 @@ Semantics (row i, s = ids[i]; ``-1``: base only)::
 
     z_i = x_i·A_s[:r_s]ᵀ + a_s,   y_i = x_i·Wᵀ + b + scale_s·(f_s(z_i)·B_s[:, :r_s]ᵀ + c_s)
 
+With per-slot column scales G [S, N] (DoRA slots: g_s = m_s / ‖W + s_s·B_s·A_s‖_row, precomputed;
+ones for the other slots) all but the bias is scaled, y_i = G_s ⊙ (x_i·Wᵀ + scale_s·(…)) + b (rows
+without a slot: ·1), and backward runs on dY_i ⊙ G_s (db on dY). G is a constant: no gradient.
+
 Backward, per slot over the rows that used it (so each adapter gets exactly the gradient
 of its rows)::
 
@@ -44,7 +48,7 @@ class SlotStack(NamedTuple):
     Shapes: down_weight [S, R_max, K], down_bias [S, R_max] | None, up_weight [S, N, R_max],
     up_bias [S, N] | None, scales [S] float32 (float64 for float64 x), ranks [S] int32 (slot
     s uses columns [0, ranks[s]); 0: base only), acts [S] int32 activation codes | None (all
-    identity).
+    identity), col_scales [S, N] in the scales' dtype | None (DoRA slots' g_s; ones elsewhere).
     """
 
     down_weight: Tensor
@@ -54,6 +58,7 @@ class SlotStack(NamedTuple):
     scales: Tensor
     ranks: Tensor
     acts: Optional[Tensor]
+    col_scales: Optional[Tensor] = None
 
 
 def sort_metadata(ids: Tensor, num_slots: int, sorted_rows: Optional[Tensor], offsets: Optional[Tensor]):
@@ -95,8 +100,9 @@ def launch_shrink(x, a_views, ids, ranks, perm, plan, *, scales=None, out=None):
 
 
 def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias=None, b_bias=None, scales=None,
-                  ranks=None, acts=None, z=None, cols=None, add=False, a_views=None):
-    """y (=|+=) x·Wᵀ + b + per slot and slice scale_s·(f_s(z)·B_{i,s}ᵀ + c_s), y [M, N] written once.
+                  ranks=None, acts=None, z=None, cols=None, add=False, a_views=None, col_scales=None):
+    """y (=|+=) x·Wᵀ + b + per slot and slice scale_s·(f_s(z)·B_{i,s}ᵀ + c_s), y [M, N] written once;
+    with ``col_scales`` G [S, N] (ACC dtype; needs the base GEMM, not ``add``) y_i = G_s ⊙ (… all but b) + b.
 
     parts: [NS, SPLIT, M, R] fp32 z partials (unit stride in R), or None with ``a_views`` (z = x·A_{i,s}ᵀ
     recomputed per slot in the kernel); weight None: no base GEMM (x is then only read for the recompute);
@@ -110,6 +116,8 @@ def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias
     if cols is None:
         widths = tuple(b.shape[1] for b in b_views)
         cols = (tuple(sum(widths[:i]) for i in range(ns)), widths)
+    if col_scales is not None and (weight is None or add):
+        raise ValueError("col_scales scale the base GEMM's output: they need weight and add=False")
     dummy = y
     p_strides = parts.stride()[:3] if parts is not None else (0, 0, 0)
     fused = parts is None
@@ -122,16 +130,16 @@ def launch_linear(y, x, weight, bias, parts, b_views, ids, perm, plan, *, a_bias
         tuple(a_views) if fused else (dummy,) * ns, a_bias if a_bias is not None else dummy, tuple(b_views),
         b_bias if b_bias is not None else dummy, scales if scales is not None else dummy,
         ranks if ranks is not None else ids, acts if acts is not None else ids, ids,
-        perm if perm is not None else ids,
+        perm if perm is not None else ids, col_scales if col_scales is not None else dummy,
         m, n, k, r, b_views[0].shape[0], parts.shape[1] if parts is not None else 1, *cols,
         *y.stride(), *x.stride(), *(weight.stride() if weight is not None else (0, 0)), *p_strides,
         _flat_strides(a_views) if fused else (0, 0, 0) * ns,
         *(a_bias.stride() if a_bias is not None else (0, 0)), _flat_strides(b_views),
-        *(b_bias.stride() if b_bias is not None else (0, 0)),
+        *(b_bias.stride() if b_bias is not None else (0, 0)), col_scales.stride(0) if col_scales is not None else 0,
         NS=ns, BASE=weight is not None, ADD=add, FUSED_SHRINK=fused, SORTED=perm is not None,
         HAS_BIAS=bias is not None, HAS_AB=a_bias is not None, HAS_BB=b_bias is not None,
         HAS_SCALES=scales is not None, HAS_RANKS=ranks is not None, HAS_ACTS=acts is not None,
-        STORE_Z=z is not None, **dot_flags(x.dtype),
+        STORE_Z=z is not None, HAS_COL_SCALE=col_scales is not None, **dot_flags(x.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r,
         R_TILES=triton.cdiv(r, plan.block_r), GROUP_M=8,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -161,8 +169,9 @@ def _segment_gemm(p, q, perm, offsets, scales, num_slots, dtype):
     return out
 
 
-def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, need_z):
-    bias, scales, ranks, acts, ids = vectors(bias, scales, ranks, acts, ids)
+def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, need_z,
+                    col_scales):
+    bias, scales, ranks, acts, ids, col_scales = vectors(bias, scales, ranks, acts, ids, col_scales)
     m, k = x.shape
     s_count, r, _ = a_all[0].shape
     y = x.new_empty((m, weight.shape[0]))
@@ -175,7 +184,7 @@ def _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks
         perm = sorted_rows if sorted_rows is not None else rows.slot_metadata(ids, s_count).sorted_rows
     parts = launch_shrink(x, a_all, ids, ranks, perm, plan)
     launch_linear(y, x, weight, bias, parts, b_all, ids, perm, plan, a_bias=a_bias, b_bias=b_bias, scales=scales,
-                  ranks=ranks, acts=acts, z=z if need_z else None)
+                  ranks=ranks, acts=acts, z=z if need_z else None, col_scales=col_scales)
     return y, z
 
 
@@ -238,26 +247,28 @@ def _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, i
 def mixed_adapter_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], a_all: list[Tensor], a_bias: Optional[Tensor],
     b_all: list[Tensor], b_bias: Optional[Tensor], scales: Tensor, ranks: Optional[Tensor], acts: Optional[Tensor],
-    ids: Tensor, sorted_rows: Optional[Tensor], offsets: Optional[Tensor], need_z: bool,
+    ids: Tensor, sorted_rows: Optional[Tensor], offsets: Optional[Tensor], need_z: bool, col_scales: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Semantics: see the module docstring. Returns (y [M, N], z [NS, M, R] (fp32; fp64 for fp64 x) or [0]):
     z[i, m] = x_m·A_{i,s}ᵀ + a_s in a row's first r_s columns, zeros elsewhere, on every path.
 
     Shapes: x [M, K], weight [N, K], bias [N], a_all NS × [S, R, K], a_bias [S, R], b_all NS × [S, N_i, R]
     (ΣN_i = N; slice i owns columns [N_0 + … + N_{i-1}, … + N_i)), b_bias [S, N], scales [S] fp32 (fp64 for
-    fp64 x), ranks [S] int32, acts [S] int32, ids [M] int32/int64; a_bias, b_bias and acts only with one slice.
+    fp64 x), ranks [S] int32, acts [S] int32, ids [M] int32/int64; a_bias, b_bias and acts only with one slice;
+    col_scales [S, N] (scales' dtype) | None: y_i = G_s ⊙ (all but b) + b, see the module docstring.
     sorted_rows [M] and offsets [S + 1] (both or neither): the slot metadata of ids (``rows.py``), else built
     here. Inputs are validated by ``adaptkern.mixed`` (ids included); this op trusts them.
     """
     if use_triton(x):
         return _forward_triton(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows,
-                               need_z)
+                               need_z, col_scales)
     return reference.mixed_adapter_linear_forward(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts,
-                                                  ids, need_z)
+                                                  ids, need_z, col_scales)
 
 
 @mixed_adapter_linear_op.register_fake
-def _(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z):
+def _(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z,
+      col_scales):
     m, r = x.shape[0], a_all[0].shape[1]
     return (x.new_empty((m, weight.shape[0])),
             x.new_empty((len(a_all), m, r) if need_z else (0,), dtype=acc_dtype(x.dtype)))
@@ -268,16 +279,25 @@ def mixed_adapter_linear_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], a_all: list[Tensor], a_bias: Optional[Tensor],
     b_all: list[Tensor], b_bias: Optional[Tensor], scales: Tensor, ranks: Optional[Tensor], acts: Optional[Tensor],
     ids: Tensor, sorted_rows: Optional[Tensor], offsets: Optional[Tensor], z: Tensor, needs: list[bool],
+    col_scales: Optional[Tensor],
 ) -> list[Tensor]:
     """Gradients [dx, dweight, dbias, *da_all (NS), da_bias, *db_all (NS), db_bias], each in its input's
     dtype; an input whose entry of ``needs`` (x, weight, bias, a_all, a_bias, b_all, b_bias) is False
-    gets an empty tensor (every slice of a_all / b_all)."""
+    gets an empty tensor (every slice of a_all / b_all). With col_scales G: the gradients of dY_i ⊙ G_s,
+    dbias = ΣdY."""
+    inner = list(needs)
+    if col_scales is not None:  # db from dY itself, every other gradient from dY ⊙ G
+        inner[2] = False
+        db = dy.sum(0, dtype=acc_dtype(x.dtype))
+        dy = reference.scale_rows(dy.to(col_scales.dtype), col_scales, ids).to(dy.dtype)
     if use_triton(x):
         grads = _backward_triton(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids, sorted_rows, offsets,
-                                 z, needs)
+                                 z, inner)
     else:
         grads = reference.mixed_adapter_linear_backward(dy, x, weight, a_all, a_bias, b_all, scales, ranks, acts, ids,
-                                                        needs)
+                                                        inner)
+    if col_scales is not None and needs[2]:
+        grads = (*grads[:2], db, *grads[3:])
     return [g.to(t.dtype) if g is not None else x.new_empty(0) for g, t in zip(_flat(grads), _flat_inputs(
         x, weight, bias, a_all, a_bias, b_all, b_bias))]
 
@@ -296,20 +316,23 @@ def _flat_needs(needs, ns):
 
 
 @mixed_adapter_linear_backward_op.register_fake
-def _(dy, x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, z, needs):
+def _(dy, x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, z, needs,
+      col_scales):
     refs = _flat_inputs(x, weight, bias, a_all, a_bias, b_all, b_bias)
     return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(refs, _flat_needs(needs, len(a_all)))]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z = inputs
+    x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z, \
+        col_scales = inputs
     ctx.num_slices = len(a_all)
     ctx.save_for_backward(x, weight, bias, a_bias, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, output[1],
-                          *a_all, *b_all)
+                          col_scales, *a_all, *b_all)
 
 
 def _backward(ctx, dy, _dz):
-    x, weight, bias, a_bias, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, z, *ab = ctx.saved_tensors
+    x, weight, bias, a_bias, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, z, col_scales, *ab = \
+        ctx.saved_tensors
     ns = ctx.num_slices
     a_all, b_all = ab[:ns], ab[ns:]
     # needs_input_grad mirrors the inputs: a list of bools for a_all and b_all
@@ -317,17 +340,17 @@ def _backward(ctx, dy, _dz):
     needs = [any(need) if isinstance(need, (list, tuple)) else bool(need and t is not None)
              for need, t in zip(ctx.needs_input_grad[:7], present)]
     if not any(needs):  # the structure of the inputs: a list of gradients for each list input
-        return (None, None, None, [None] * ns, None, [None] * ns, None) + (None,) * 7
+        return (None, None, None, [None] * ns, None, [None] * ns, None) + (None,) * 8
     if use_triton(x) and z.numel() == 0 and x.shape[0] > 0:
         raise RuntimeError("adaptkern::mixed_adapter_linear was run with need_z=False; it cannot be differentiated")
     flat = mixed_adapter_linear_backward_op(dy, x, weight, bias, list(a_all), a_bias, list(b_all), b_bias, scales,
-                                            ranks, acts, ids, sorted_rows, offsets, z, needs)
+                                            ranks, acts, ids, sorted_rows, offsets, z, needs, col_scales)
     dx, dw, db = flat[:3]
     daw, dab, dbw, dbb = flat[3:3 + ns], flat[3 + ns], flat[4 + ns:4 + 2 * ns], flat[4 + 2 * ns]
     pick = lambda g, need: g if need else None  # noqa: E731
     return (pick(dx, needs[0]), pick(dw, needs[1]), pick(db, needs[2]),
             list(daw) if needs[3] else [None] * ns, pick(dab, needs[4]), list(dbw) if needs[5] else [None] * ns,
-            pick(dbb, needs[6]), None, None, None, None, None, None, None)
+            pick(dbb, needs[6]), None, None, None, None, None, None, None, None)
 
 
 mixed_adapter_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -2,6 +2,7 @@
 
 Row i with slot s = ids[i] computes z_i = x_i·A_s[:r_s]ᵀ + a_s, y_i = x_i·Wᵀ + b +
 scale_s·(f_s(z_i)·B_s[:, :r_s]ᵀ + c_s); any id outside [0, S) is a base-only row, as in the kernels.
+With per-slot column scales G [S, N] (DoRA slots) all but the bias is scaled: y_i = G_s ⊙ (…) + b.
 """
 
 from __future__ import annotations
@@ -21,16 +22,34 @@ def _slot_rows(ids, num_slots, ranks, r_max):
     return [(s, (ids == s).nonzero().squeeze(1), r_max if ranks is None else int(ranks[s])) for s in present]
 
 
+def scale_rows(y, col_scales, ids):
+    """Semantics: y_i ⊙ G[ids[i]] for ids[i] in [0, S), y_i for any other id. Shapes: y [M, N],
+    col_scales G [S, N] (cast to y's dtype), ids [M] -> [M, N] (differentiable in y)."""
+    s_count = col_scales.shape[0]
+    used = (ids >= 0) & (ids < s_count)
+    g = col_scales.to(y.dtype)[torch.where(used, ids, 0).long()]
+    return y * torch.where(used[:, None], g, 1.0)
+
+
+def _with_bias(y, bias, col_scales, ids):
+    """y + b, or with column scales G_s ⊙ y + b."""
+    if col_scales is not None:
+        y = scale_rows(y, col_scales, ids)
+    return y if bias is None else y + bias
+
+
 def _slot_z(x_rows, a_all, a_bias, s, r):
     """z = x·A_s[:r]ᵀ + a_s[:r] for the rows of slot s: [n, r]."""
     z = x_rows @ a_all[s, :r].t()
     return z if a_bias is None else z + a_bias[s, :r]
 
 
-def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids):
+def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids,
+                             col_scales=None):
     """Semantics: row i with s = ids[i] in [0, S) gets
     y_i = x_i·Wᵀ + b + scales[s]·(f_s(x_i·A_s[:r_s]ᵀ + a_s[:r_s])·B_s[:, :r_s]ᵀ + c_s); any other id
-    (-1, or out of range as the kernels read it): base only.
+    (-1, or out of range as the kernels read it): base only. With col_scales G [S, N]:
+    y_i = G_s ⊙ (the above without b) + b (other ids: ·1).
 
     Shapes: x [M, K], weight [N, K], bias [N] | None, a_all [S, R, K], a_bias [S, R] | None,
     b_all [S, N, R], b_bias [S, N] | None, scales [S], ranks [S] int | None (None: R),
@@ -38,7 +57,7 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
     precision, one slot at a time (differentiable: the float64 oracle and the CPU path).
     """
     y = x @ weight.t()
-    if bias is not None:
+    if bias is not None and col_scales is None:
         y = y + bias
     rows_out = []
     for s, rows, r in _slot_rows(ids, a_all.shape[0], ranks, a_all.shape[1]):
@@ -49,7 +68,7 @@ def mixed_adapter_linear_ref(x, weight, bias, a_all, a_bias, b_all, b_bias, scal
         rows_out.append((rows, scales[s].to(y.dtype) * branch))
     for rows, delta in rows_out:
         y = y.index_add(0, rows, delta)
-    return y
+    return y if col_scales is None else _with_bias(y, bias, col_scales, ids)
 
 
 def lora_delta_ref(x, a_all, b_all, scales, ranks, ids):
@@ -64,19 +83,22 @@ def lora_delta_ref(x, a_all, b_all, scales, ranks, ids):
     return delta
 
 
-def mixed_lora_slices_ref(x, weight, bias, a_list, b_list, scales, ranks, ids):
+def mixed_lora_slices_ref(x, weight, bias, a_list, b_list, scales, ranks, ids, col_scales=None):
     """Semantics: y[:, o_i:o_i+N_i] = x·W_iᵀ + b_i + Δ_i with Δ_i = :func:`lora_delta_ref` of slice i
-    (A_i = a_list[i], B_i = b_list[i], o_i = N_0 + … + N_{i-1}).
+    (A_i = a_list[i], B_i = b_list[i], o_i = N_0 + … + N_{i-1}); with col_scales G [S, ΣN_i]
+    y_m = G_s ⊙ (the above without b) + b.
 
     Shapes: x [M, K], weight [ΣN_i, K], bias [ΣN_i] | None, a_list n × [S, R, K], b_list n × [S, N_i, R].
     """
     y = x @ weight.t()
-    if bias is not None:
+    if bias is not None and col_scales is None:
         y = y + bias
-    return y + torch.cat([lora_delta_ref(x, a, b, scales, ranks, ids) for a, b in zip(a_list, b_list)], 1)
+    y = y + torch.cat([lora_delta_ref(x, a, b, scales, ranks, ids) for a, b in zip(a_list, b_list)], 1)
+    return y if col_scales is None else _with_bias(y, bias, col_scales, ids)
 
 
-def mixed_adapter_linear_forward(x, weight, bias, a_list, a_bias, b_list, b_bias, scales, ranks, acts, ids, need_z):
+def mixed_adapter_linear_forward(x, weight, bias, a_list, a_bias, b_list, b_bias, scales, ranks, acts, ids, need_z,
+                                 col_scales=None):
     """The CPU path of ``adaptkern::mixed_adapter_linear``: (y [M, N] in x's dtype, z).
 
     a_list / b_list: the slices' stacks (one slice: the general formula with biases and
@@ -88,9 +110,9 @@ def mixed_adapter_linear_forward(x, weight, bias, a_list, a_bias, b_list, b_bias
     x32, w32, bias32, ab32, bb32 = (None if t is None else t.to(acc) for t in (x, weight, bias, a_bias, b_bias))
     a32, b32 = [t.to(acc) for t in a_list], [t.to(acc) for t in b_list]
     if len(a32) == 1:
-        y = mixed_adapter_linear_ref(x32, w32, bias32, a32[0], ab32, b32[0], bb32, scales, ranks, acts, ids)
+        y = mixed_adapter_linear_ref(x32, w32, bias32, a32[0], ab32, b32[0], bb32, scales, ranks, acts, ids, col_scales)
     else:
-        y = mixed_lora_slices_ref(x32, w32, bias32, a32, b32, scales, ranks, ids)
+        y = mixed_lora_slices_ref(x32, w32, bias32, a32, b32, scales, ranks, ids, col_scales)
     if not need_z:
         return y.to(x.dtype), x32.new_empty(0)
     s_count, r = a_list[0].shape[:2]
