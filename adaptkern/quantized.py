@@ -51,6 +51,70 @@ def _pairs(qw: "QuantizedWeight") -> Tensor:
     return code_pairs(qw.code.float())
 
 
+NESTED_FIELDS = ("nested_absmax", "nested_code", "offset")
+
+
+def _flat(source: str, name: str, t, dtype: torch.dtype, numel: int, device, need: str) -> None:
+    """Raise unless field ``name`` is a contiguous 1-D ``dtype`` tensor of ``numel`` entries on
+    ``device`` (``need`` says why that many)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{source} {name} must be a tensor, got {type(t).__name__}")
+    if t.numel() != numel:
+        raise ValueError(f"{source} {name} has {t.numel()} entries; {need}")
+    if t.dtype != dtype:
+        raise TypeError(f"{source} {name} must be {dtype}, got {t.dtype}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{source} {name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)} strides "
+                         f"{t.stride()}")
+    if t.device != device:
+        raise ValueError(f"{source} {name} is on {t.device}, data on {device}")
+
+
+def _check_weight(qw: "QuantizedWeight", source: str) -> None:
+    """Raise unless ``qw`` describes a 4-bit W [N, K] the kernels read exactly and within bounds:
+    every field's type, dtype, entry count, layout and device (``source`` names it in the
+    message). The one check of :meth:`QuantizedWeight.from_bnb` and of a QuantizedWeight passed
+    directly to the ops of this module."""
+    if qw.quant_type not in QUANT_TYPES:
+        raise NotImplementedError(f"{source} quant type {qw.quant_type!r}: adaptkern reads {QUANT_TYPES}")
+    if isinstance(qw.blocksize, bool) or qw.blocksize not in BLOCKSIZES:
+        raise NotImplementedError(f"{source} block size {qw.blocksize!r}: adaptkern reads {BLOCKSIZES}")
+    if not isinstance(qw.dtype, torch.dtype):
+        raise TypeError(f"{source} dtype must be a torch.dtype, got {type(qw.dtype).__name__}")
+    if qw.dtype not in WEIGHT_DTYPES:
+        raise NotImplementedError(f"{source} dtype {qw.dtype}: adaptkern reads {WEIGHT_DTYPES}")
+    shape = qw.shape
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise ValueError(f"{source} shape must be [N, K] with N, K >= 1, got {shape!r}")
+    n, k = shape
+    nbytes, blocks = (n * k + 1) // 2, -(-n * k // qw.blocksize)
+    device = qw.data.device if isinstance(qw.data, Tensor) else None
+    _flat(source, "data", qw.data, torch.uint8, nbytes, device, f"shape {tuple(shape)} needs {nbytes} packed bytes")
+    given = [name for name in NESTED_FIELDS if getattr(qw, name) is not None]
+    if given and len(given) != len(NESTED_FIELDS):
+        raise ValueError(f"{source}: {', '.join(NESTED_FIELDS)} go together (double quantization), got "
+                         f"{', '.join(given)} only")
+    nested = bool(given)
+    if nested and isinstance(qw.absmax, Tensor) and qw.absmax.dtype != torch.uint8:
+        raise NotImplementedError(f"{source}: double-quantized absmax stored as {qw.absmax.dtype}: adaptkern reads "
+                                  "uint8")
+    _flat(source, "absmax", qw.absmax, torch.uint8 if nested else torch.float32, blocks, device,
+          f"shape {tuple(shape)} in blocks of {qw.blocksize} needs {blocks}")
+    code = qw.code
+    if not isinstance(code, Tensor) or not code.is_floating_point() or tuple(code.shape) != (16,):
+        got = f"{code.dtype} {tuple(code.shape)}" if isinstance(code, Tensor) else type(code).__name__
+        raise TypeError(f"{source} code must be a floating tensor [16] (the 4-bit code table), got {got}")
+    if code.device != device:
+        raise ValueError(f"{source} code is on {code.device}, data on {device}")
+    if nested:
+        want = -(-blocks // NESTED_BLOCKSIZE)
+        _flat(source, "nested_absmax", qw.nested_absmax, torch.float32, want, device,
+              f"{blocks} blocks in nested blocks of {NESTED_BLOCKSIZE} need {want}")
+        _flat(source, "nested_code", qw.nested_code, torch.float32, 256, device, "the nested code table has 256")
+        _flat(source, "offset", qw.offset, torch.float32, 1, device, "the nested offset is one value")
+
+
 class QuantizedWeight(NamedTuple):
     """A bitsandbytes 4-bit weight ``W [N, K]`` as plain tensors (the layout is in
     ``adaptkern/ops/quantized_lora_linear/reference.py``).
@@ -59,6 +123,9 @@ class QuantizedWeight(NamedTuple):
     [B = ⌈N·K/blocksize⌉] float32, or uint8 when double-quantized, with nested_absmax
     [⌈B/256⌉] float32, nested_code [256] float32 and offset [1] float32; code [16] float32.
     ``dtype`` is the dtype bitsandbytes dequantizes to (the weight's before quantization).
+    One built by hand is checked as :meth:`from_bnb` checks its own (every field's dtype,
+    entry count, layout and device) when :func:`qlora_linear` or :func:`mixed_qlora_linear`
+    receives it, before anything runs.
     """
 
     data: Tensor
@@ -97,50 +164,28 @@ class QuantizedWeight(NamedTuple):
         if getattr(qs, "packing_format_for_cpu", False):
             raise NotImplementedError("quant state in bitsandbytes' CPU-repacked layout (packing_format_for_cpu): "
                                       "adaptkern reads the standard packed layout only")
-        quant_type = getattr(qs, "quant_type", None)
-        if quant_type not in QUANT_TYPES:
-            raise NotImplementedError(f"quant type {quant_type!r}: adaptkern reads {QUANT_TYPES}")
-        blocksize = getattr(qs, "blocksize", None)
-        if blocksize not in BLOCKSIZES or isinstance(blocksize, bool):
-            raise NotImplementedError(f"block size {blocksize!r}: adaptkern reads {BLOCKSIZES}")
-        if qs.dtype not in WEIGHT_DTYPES:
-            raise NotImplementedError(f"quant state dtype {qs.dtype}: adaptkern reads {WEIGHT_DTYPES}")
-        shape = tuple(qs.shape) if qs.shape is not None else ()
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"quant state shape must be [N, K] with N, K >= 1, got {shape}")
         data = weight.data if hasattr(weight, "data") else weight
         if data.dtype != torch.uint8:
             if not data.is_contiguous():
                 raise NotImplementedError(f"non-contiguous {data.dtype} storage of a packed weight {tuple(data.shape)}")
             data = data.view(torch.uint8)
         data = data.reshape(-1)
-        n, k = shape
-        if data.numel() != (n * k + 1) // 2:
-            raise ValueError(f"quant state shape {shape} needs {(n * k + 1) // 2} packed bytes, the weight has "
-                             f"{data.numel()}")
-        blocks = -(-n * k // blocksize)
-        nested = getattr(qs, "state2", None) is not None
-        absmax = qs.absmax.reshape(-1)
-        if absmax.numel() != blocks:
-            raise ValueError(f"quant state absmax has {absmax.numel()} entries; shape {shape} in blocks of "
-                             f"{blocksize} needs {blocks}")
+        shape = tuple(qs.shape) if qs.shape is not None else ()
+        quant_type, blocksize = getattr(qs, "quant_type", None), getattr(qs, "blocksize", None)
         device = data.device
-        if not nested:
-            return cls(data, absmax.float(), _code(quant_type, device), shape, blocksize, quant_type, qs.dtype)
-        state2 = qs.state2
-        if state2.blocksize != NESTED_BLOCKSIZE:
-            raise NotImplementedError(f"nested block size {state2.blocksize}: adaptkern reads {NESTED_BLOCKSIZE}")
-        if absmax.dtype != torch.uint8:
-            raise NotImplementedError(f"double-quantized absmax stored as {absmax.dtype}: adaptkern reads uint8")
-        nested_absmax = state2.absmax.reshape(-1).float()
-        nested_code = state2.code.reshape(-1).float()
-        want = -(-blocks // NESTED_BLOCKSIZE)
-        if nested_absmax.numel() != want or nested_code.numel() != 256:
-            raise ValueError(f"nested quant state: absmax has {nested_absmax.numel()} entries (need {want}), code "
-                             f"{nested_code.numel()} (need 256)")
-        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=device).reshape(1)
-        return cls(data, absmax, _code(quant_type, device), shape, blocksize, quant_type, qs.dtype, nested_absmax,
-                   nested_code, offset)
+        code = _code(quant_type, device) if quant_type in QUANT_TYPES else None
+        absmax = qs.absmax.reshape(-1)
+        state2 = getattr(qs, "state2", None)
+        if state2 is None:
+            qw = cls(data, absmax.float(), code, shape, blocksize, quant_type, qs.dtype)
+        else:
+            if state2.blocksize != NESTED_BLOCKSIZE:
+                raise NotImplementedError(f"nested block size {state2.blocksize}: adaptkern reads {NESTED_BLOCKSIZE}")
+            offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=device).reshape(1)
+            qw = cls(data, absmax, code, shape, blocksize, quant_type, qs.dtype, state2.absmax.reshape(-1).float(),
+                     state2.code.reshape(-1).float(), offset)
+        _check_weight(qw, "quant state")
+        return qw
 
     @property
     def nested(self) -> bool:
@@ -199,6 +244,7 @@ def _weight_and_input(weight, quant_state, x) -> QuantizedWeight:
     if isinstance(weight, QuantizedWeight):
         if quant_state is not None:
             raise ValueError("quant_state must be None when weight is a QuantizedWeight (it carries its own)")
+        _check_weight(weight, "QuantizedWeight")
         qw = weight
     else:
         qw = QuantizedWeight.from_bnb(weight, quant_state)

@@ -11,6 +11,17 @@ from . import validation as check
 from .ops.mixed_adapter_linear import rows
 
 
+def _rows(adapter_ids) -> int:
+    """M of adapter_ids [M] (a tensor, or a list or tuple of ints), checked before anything reads it."""
+    if isinstance(adapter_ids, (list, tuple)):
+        return len(adapter_ids)
+    if not isinstance(adapter_ids, Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor or a list of ints, got {type(adapter_ids).__name__}")
+    if adapter_ids.dim() != 1:
+        raise ValueError(f"adapter_ids must be 1-D [M], got shape {tuple(adapter_ids.shape)}")
+    return adapter_ids.shape[0]
+
+
 class SlotMapping:
     """Which adapter slot each row of a batch uses, with what the mixed kernels read besides.
 
@@ -49,7 +60,7 @@ class SlotMapping:
     @classmethod
     def from_ids(cls, adapter_ids, num_slots: int, *, validate: bool = True) -> "SlotMapping":
         """A mapping sized for exactly these ids (``empty(M, num_slots).update_(adapter_ids)``)."""
-        m = len(adapter_ids) if isinstance(adapter_ids, (list, tuple)) else getattr(adapter_ids, "shape", (0,))[0]
+        m = _rows(adapter_ids)
         device = adapter_ids.device if isinstance(adapter_ids, Tensor) else None
         return cls.empty(m, num_slots, device=device).update_(adapter_ids, validate=validate)
 
@@ -58,10 +69,11 @@ class SlotMapping:
         """Refill in place from adapter_ids [M] (int32/int64 tensor on the mapping's device, or a
         list of ints), M <= max_tokens. The range check (ids in [-1, S)) reads the ids on the host;
         ``validate=False``, torch.compile and CUDA graph capture skip it (out-of-range ids are -1).
-        The metadata comes from ``rows.update_slot_metadata_`` (a custom op: no graph break)."""
-        if isinstance(adapter_ids, Tensor) and adapter_ids.dim() != 1:
-            raise ValueError(f"adapter_ids must be 1-D [M], got shape {tuple(adapter_ids.shape)}")
-        m = len(adapter_ids) if isinstance(adapter_ids, (list, tuple)) else adapter_ids.shape[0]
+        The metadata comes from ``rows.update_slot_metadata_`` (a custom op: no graph break).
+        Errors (all before any buffer changes): TypeError for ids neither a tensor nor a list of
+        ints or of a non-integer dtype, ValueError for a shape other than [M], M > max_tokens,
+        another device or an id out of range."""
+        m = _rows(adapter_ids)
         if m > self.max_tokens:
             raise ValueError(f"adapter_ids has M={m} rows, more than the mapping's max_tokens={self.max_tokens}")
         ids = check.adapter_ids(adapter_ids, m, self.num_slots, validate=validate, device=self.device)

@@ -661,22 +661,9 @@ def fails_cleanly(fn, args, match):
     assert_fails_cleanly(lambda: snapshot_args(args), without_launches(lambda: fn(**args)), match)
 
 
-# Cases that fail today: bugs reported to the owners of those functions (pinned here, strict: fixing one
-# makes its case pass, and then the mark must go).
-KNOWN_BUGS = {
-    "SlotMapping.update_: None": (
-        "SlotMapping.update_(None) raises AttributeError ('NoneType' object has no attribute 'shape'), not a "
-        "TypeError naming adapter_ids"),
-    **{f"qlora_linear: QuantizedWeight {what}": (
-        "qlora_linear trusts a QuantizedWeight passed directly: none of from_bnb's checks (packed byte count, "
-        "absmax count, dtype, shape) run on it; " + why)
-       for what, why in (("data short by 10 bytes", "the kernels read past the packed data (a fresh short tensor: "
-                                                    "out-of-bounds reads)"),
-                         ("absmax short by one block", "the kernels read past absmax (an empty absmax crashed the "
-                                                       "interpreter with SIGSEGV)"),
-                         ("dtype int8", "a KeyError from the launcher"),
-                         ("shape 3-D", "a ValueError that names nothing ('too many values to unpack')"))},
-}
+# Cases that fail today (none at present): bugs reported to the owners of those functions, "function: case"
+# -> the bug (pinned as strict xfails: fixing one makes its case pass, and then its entry must go).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def cases(function, table):
@@ -1096,6 +1083,10 @@ SLOT_MAPPING_CASES = {
     "list with a float": ([0, 1.5], "ints"),
     "list out of range": ([0, S + 4], "adapter_ids"),
     "None": (None, "adapter_ids"),
+    "an int": (3, "adapter_ids"),
+    "a string": ("01", "adapter_ids"),
+    "a range": (range(2), "adapter_ids"),
+    "ids 0-D": (torch.tensor(1), "1-D"),
 }
 
 

@@ -141,6 +141,62 @@ def test_errors():
         qlora_linear(x, packed, qs, None, a_w, b_w, dropout=1.0)
 
 
+def _hand_built(nested):
+    """A QuantizedWeight W [24, 64] (NF4, blocks of 64: 768 bytes, 24 blocks) as from_bnb reads it."""
+    packed, qs = BF.quantize_4bit(torch.randn(24, 64, generator=torch.Generator().manual_seed(5)), blocksize=64,
+                                  compress_statistics=nested, quant_type="nf4")
+    return QuantizedWeight.from_bnb(packed, qs)
+
+
+# (nested, the fields replaced, the error type, what its message must say)
+BAD_WEIGHTS = {
+    "data short by 10 bytes": (False, lambda q: dict(data=q.data[:-10]), ValueError, "data has 758 .*768 packed bytes"),
+    "data empty": (False, lambda q: dict(data=q.data[:0]), ValueError, "data has 0 entries"),
+    "data int8": (False, lambda q: dict(data=q.data.view(torch.int8)), TypeError, "data must be torch.uint8"),
+    "data 2-D": (False, lambda q: dict(data=q.data.view(24, 32)), ValueError, r"data must be a contiguous 1-D"),
+    "data strided": (False, lambda q: dict(data=torch.cat([q.data, q.data])[::2]), ValueError, "data must be a cont"),
+    "data a list": (False, lambda q: dict(data=[0] * 768), TypeError, "data must be a tensor, got list"),
+    "absmax short by one block": (False, lambda q: dict(absmax=q.absmax[:-1]), ValueError,
+                                  "absmax has 23 entries; shape .24, 64. in blocks of 64 needs 24"),
+    "absmax empty": (False, lambda q: dict(absmax=q.absmax[:0]), ValueError, "absmax has 0 entries"),
+    "absmax float16": (False, lambda q: dict(absmax=q.absmax.half()), TypeError, "absmax must be torch.float32"),
+    "code 8 entries": (False, lambda q: dict(code=q.code[:8]), TypeError, r"code must be a floating tensor \[16\]"),
+    "dtype int8": (False, lambda q: dict(dtype=torch.int8), NotImplementedError, "dtype torch.int8"),
+    "dtype a string": (False, lambda q: dict(dtype="bfloat16"), TypeError, "dtype must be a torch.dtype"),
+    "shape 3-D": (False, lambda q: dict(shape=(1, 24, 64)), ValueError, r"shape must be \[N, K\].*\(1, 24, 64\)"),
+    "shape K = 0": (False, lambda q: dict(shape=(24, 0)), ValueError, r"shape must be \[N, K\]"),
+    "block size 48": (False, lambda q: dict(blocksize=48), NotImplementedError, "block size 48"),
+    "quant type int4": (False, lambda q: dict(quant_type="int4"), NotImplementedError, "quant type 'int4'"),
+    "nested without offset": (True, lambda q: dict(offset=None), ValueError,
+                              "offset go together.*got nested_absmax, nested_code only"),
+    "nested absmax float32": (True, lambda q: dict(absmax=q.absmax.float()), NotImplementedError, "absmax stored as"),
+    "nested_absmax short": (True, lambda q: dict(nested_absmax=q.nested_absmax[:0]), ValueError,
+                            "nested_absmax has 0 entries; 24 blocks"),
+    "nested_code short": (True, lambda q: dict(nested_code=q.nested_code[:255]), ValueError, "nested_code has 255"),
+}
+
+
+@pytest.mark.parametrize("function", ["qlora_linear", "mixed_qlora_linear"])
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_a_quantized_weight_passed_directly_is_checked_as_from_bnb_checks(case, function):
+    """A hand-built QuantizedWeight gets from_bnb's checks (the same function) before anything runs: a short
+    data or absmax would have the kernels read out of bounds, a wrong dtype or shape fail unnamed."""
+    from adaptkern.quantized import mixed_qlora_linear
+
+    nested, change, error, match = BAD_WEIGHTS[case]
+    good = _hand_built(nested)
+    bad = good._replace(**change(good))
+    x, (a_w, b_w) = torch.randn(3, 64), _adapter(64, 24, 4, torch.float32)
+    with count_launches() as launches, pytest.raises(error, match=f"^QuantizedWeight.*{match}"):
+        if function == "qlora_linear":
+            qlora_linear(x, bad, None, None, a_w, b_w)
+        else:
+            mixed_qlora_linear(x, bad, None, None, a_w[None], b_w[None], torch.zeros(3, dtype=torch.int64))
+    assert not launches
+    y = qlora_linear(x, good, None, None, a_w, b_w)  # the weight it came from runs
+    assert y.shape == (3, 24) and bool(torch.isfinite(y).all())
+
+
 def test_import_adaptkern_does_not_import_bitsandbytes():
     code = "import sys, adaptkern, adaptkern.quantized; assert 'bitsandbytes' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -73,10 +73,19 @@ def test_errors_before_any_change():
         (torch.tensor([0, 3]), ValueError, r"adapter_ids\[1\] = 3 is out of range"),
         (torch.tensor([[0, 1]]), ValueError, "1-D"),
         (torch.tensor([0.0]), TypeError, "int32 or int64"),
+        (torch.tensor(1), ValueError, r"adapter_ids must be 1-D \[M\], got shape \(\)"),
+        (None, TypeError, "adapter_ids must be a torch.Tensor or a list of ints, got NoneType"),
+        (3, TypeError, "adapter_ids must be a torch.Tensor or a list of ints, got int"),
+        ("01", TypeError, "adapter_ids must be a torch.Tensor or a list of ints, got str"),
+        (range(2), TypeError, "adapter_ids must be a torch.Tensor or a list of ints, got range"),
+        ([0, 1.5], TypeError, "adapter_ids as a list must hold ints"),
     ]:
         with pytest.raises(exc, match=pattern):
             mapping.update_(bad)
         assert mapping.num_tokens == 2 and mapping.slots.tolist() == [0, 1, -1, -1]
+    for bad, exc in ((None, TypeError), (torch.tensor(2), ValueError)):
+        with pytest.raises(exc, match="adapter_ids must be"):
+            SlotMapping.from_ids(bad, 3)
     with pytest.raises(ValueError, match="max_tokens"):
         SlotMapping.empty(-1, 3)
     with pytest.raises(ValueError, match="num_slots"):

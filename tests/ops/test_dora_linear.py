@@ -199,14 +199,50 @@ def test_opcheck_dora_ops_on_both_paths(need_p, dropout, path_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_magnitude_gradient_where_y_cannot_give_p(bias, dtype, path_device):
-    """Backward recovers P = (y − b) / g from the output; where g = m / n is 0 (y = b holds no P) or small (P
-    would carry ulp(|b|) / |g|: 5× eager's error at g = 0.1 with a bias of 4) those columns' P is recomputed.
-    The columns sit in one slab (the recompute branch) and the others read y."""
+    """Backward recovers P = (y − b) / g from the output; where g = m / n is 0 (y = b holds no P) or small with a
+    bias (P would carry ulp(|b|) / |g|: 5× eager's error at g = 0.1 with a bias of 4) those columns' P is
+    recomputed. The columns sit in one block of the column sum (its recompute loop) and the others read y."""
     x, w, b, a, bb, mag = dora_inputs(70, 40, 70, 5, torch.float64, seed=4, bias=bias)
     mag[[3, 40, 41]] = 0.0
     mag[[5, 6, 50]] *= 0.1
     b = None if b is None else b * 8.0
     _check_all(tuple(None if t is None else t.to(dtype) for t in (x, w, b, a, bb, mag)), 0.5, path_device)
+
+
+# x [12, 1], W, b, A, B, m [1 each], dY [12, 1]: |b| = 0.88 ≫ |g·P| ≤ 0.48 with g ≈ 1.1 (found by the "long"
+# hypothesis profile); P recovered as (y − b) / g put dm at −4.594 (kernels) and −4.75 (reference) against
+# float64's −4.6987 and eager bf16's −4.6875.
+BIAS_DOMINATED = dict(
+    x=[0.8359375, 0.09521484375, 0.328125, 2.390625, 0.470703125, -1.875, 0.490234375, -0.94140625, -1.078125,
+       0.2421875, 0.74609375, -0.64453125],
+    weight=[[0.181640625]], bias=[0.8828125], lora_a=[[0.58984375]], lora_b=[[-1.9765625]], magnitude=[0.2021484375],
+    dy=[-2.328125, -2.046875, 0.006683349609375, -1.4140625, 1.390625, -0.466796875, 1.1328125, 0.484375,
+        -0.1826171875, 0.341796875, -0.2099609375, 1.4453125])
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("columns", [1, 40], ids=["one-column", "forty-columns"])
+def test_magnitude_gradient_where_the_bias_dominates(columns, path_device):
+    """bf16, g ≈ 1: a column whose bias dominates g ⊙ P gets its P recomputed (the pinned case); with 40 columns the
+    others (a small bias) recover P from y in the same block, and every column stays within the tolerance."""
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in BIAS_DOMINATED.items()}
+    x, dy = t["x"][:, None], t["dy"][:, None]
+    inputs = [x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["magnitude"]]
+    if columns > 1:
+        _, w, b, _, bb, mag = dora_inputs(12, 1, columns - 1, 1, torch.float64, seed=5)
+        inputs[1:] = [torch.cat([inputs[1], w]), torch.cat([inputs[2], 0.1 * b]), inputs[3],
+                      torch.cat([inputs[4], bb]), torch.cat([inputs[5], mag])]
+        dy = torch.cat([dy, torch.randn(12, columns - 1, generator=torch.Generator().manual_seed(6))], 1)
+    inputs = tuple(v.to(torch.bfloat16) for v in inputs)
+    dy = dy.to(torch.bfloat16)
+    wrt = (0, 3, 4, 5)
+    y, grads = _run(inputs, wrt, dy, path_device, scale=0.0)
+    eager, oracle, eager_g, oracle_g = eager_and_oracle(
+        lambda x, w, b, a, bb, mag: (mag / torch.linalg.norm(w + 0.0 * (bb @ a), dim=1).detach())
+        * (x @ w.t() + 0.0 * ((x @ a.t()) @ bb.t())) + b, inputs, dy, wrt)  # g ⊙ P + b in that order, scale 0
+    assert_close("y", oracle, y, eager)
+    for i, g, eg, og in zip(wrt, grads, eager_g, oracle_g):
+        assert_close(f"d{NAMES[i]}", og, g, eg)
 
 
 def test_y_is_saved_only_when_the_magnitude_trains(path_device):

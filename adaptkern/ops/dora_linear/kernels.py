@@ -10,11 +10,14 @@
 * ``_dora_linear_colsum_kernel``: ``dm_n = Σ_m dY[m, n]·P[m, n] / n_n`` (fp32 accumulation), the
   magnitude's gradient. Without dropout P is recovered from the saved output, ``P = (y − b) / g``
   (the forward then stores nothing [M, N] but y, which frees the main GEMM's epilogue of a second
-  store). y's rounding error is ~ulp(|g·P + b|), so the recovered P carries ~ulp(|b|)/|g| where
-  the bias dominates, against ~ulp(|b|) in PEFT's own ``result − bias``: for |g| < ``min_g``
-  (2/3, ``reference.RECOVER_MIN_G``; g = m/‖W + s·B·A‖ is ~1 in training) and for g = 0, where
-  y = b holds no P at all, P is recomputed as x·Wᵀ + s·S·Bᵀ (a runtime branch taken only by
-  slabs holding such a column). With dropout y is not g ⊙ P + b, and the forward stores P.
+  store). y's rounding error u·(|y| + tiny) becomes u·(|y| + tiny)/|g| in that P, which exceeds
+  what rounding P itself costs, u·|P| = u·|y − b|/|g|, where the bias dominates g ⊙ P. So the
+  slab loop also sums, per column, ``Σ |dY|·(|y| + tiny)`` and ``Σ |dY|·|y − b|`` (the two dm
+  error bounds, g cancelled); a column whose first sum passes ``ratio`` (2,
+  ``reference.RECOVER_RATIO``) times its second, or whose g is 0 (y = b holds no P), gets its dm
+  again from P = x·Wᵀ + s·S·Bᵀ recomputed: a second loop over M, run only by programs holding
+  such a column (at worst, every column bias-dominated, one more x·Wᵀ GEMM in this kernel's
+  tiles). With dropout y is not g ⊙ P + b, and the forward stores P.
 """
 
 from __future__ import annotations
@@ -77,14 +80,14 @@ def _dora_linear_colsum_kernel(
     bias_ptr,  # [N] (FROM_Y and HAS_BIAS)
     g_ptr,  # [N] ACC: m / norm (FROM_Y)
     norm_ptr,  # [N] ACC
-    x_ptr,  # [M, K] (FROM_Y: P recomputed for columns with |g| < min_g)
+    x_ptr,  # [M, K] (FROM_Y: P recomputed for the columns y cannot give it)
     w_ptr,  # [N, K]
     s_ptr,  # [M, R] ACC: S = x·Aᵀ
     b_ptr,  # [N, R]
     M, N, K, R,
     stride_dym, stride_dyn, stride_pm, stride_pn, stride_ym, stride_yn, stride_xm, stride_xk,
     stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
-    scale, min_g,
+    scale, ratio, y_tiny,
     FROM_Y: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -95,30 +98,43 @@ def _dora_linear_colsum_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if FROM_Y:
         g = tl.load(g_ptr + rn, mask=n_ok, other=1.0)
-        small = tl.abs(g) < min_g
-        g_safe = tl.where(small, 1.0, g)
-        any_small = tl.max(small.to(tl.int32), axis=0) > 0
+        g_safe = tl.where(g == 0.0, 1.0, g)
         bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)
+        err_y = tl.zeros((BLOCK_N,), dtype=ACC)  # Σ |dY|·(|y| + tiny): recovering P's dm error / u·|g|
+        err_p = tl.zeros((BLOCK_N,), dtype=ACC)  # Σ |dY|·|y − b|: rounding P's dm error / u·|g|
     for m0 in range(0, M, BLOCK_M):
         mm = m0 + rm
         m_ok = mm < M
         ok = m_ok[:, None] & n_ok[None, :]
-        dy = tl.load(dy_ptr + mm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=ok, other=0.0)
+        dy = tl.load(dy_ptr + mm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=ok, other=0.0).to(ACC)
         if FROM_Y:
-            y = tl.load(y_ptr + mm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=ok, other=0.0)
-            p = (y.to(ACC) - bias[None, :]) / g_safe[None, :]
-            if any_small:  # P itself, x·Wᵀ + s·S·Bᵀ, for this slab (g is ~1 in practice: rare)
-                p = tl.where(small[None, :], _dora_linear_recompute_p(
-                    x_ptr, w_ptr, s_ptr, b_ptr, mm, rn, m_ok, n_ok, K, R, stride_xm, stride_xk, stride_wn, stride_wk,
-                    stride_sm, stride_sr, stride_bn, stride_br, scale, DOT_DTYPE, ACC, PRECISION, BLOCK_M, BLOCK_N,
-                    BLOCK_K, BLOCK_R), p)
+            y = tl.load(y_ptr + mm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=ok, other=0.0).to(ACC)
+            centred = y - bias[None, :]
+            p = centred / g_safe[None, :]
+            err_y += tl.sum(tl.abs(dy) * (tl.abs(y) + y_tiny), axis=0)
+            err_p += tl.sum(tl.abs(dy) * tl.abs(centred), axis=0)
         else:
             p = tl.load(p_ptr + mm[:, None] * stride_pm + rn[None, :] * stride_pn, mask=ok, other=0.0).to(ACC)
-        acc += dy.to(ACC) * p
+        acc += dy * p
+    dm = tl.sum(acc, axis=0)
+    if FROM_Y:
+        redo = (g == 0.0) | (err_y > ratio * err_p)
+        if tl.max(redo.to(tl.int32), axis=0) > 0:  # P itself, x·Wᵀ + s·S·Bᵀ, for this block's columns
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            for m0 in range(0, M, BLOCK_M):
+                mm = m0 + rm
+                m_ok = mm < M
+                dy = tl.load(dy_ptr + mm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                             mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                acc += dy.to(ACC) * _dora_linear_recompute_p(
+                    x_ptr, w_ptr, s_ptr, b_ptr, mm, rn, m_ok, n_ok, K, R, stride_xm, stride_xk, stride_wn, stride_wk,
+                    stride_sm, stride_sr, stride_bn, stride_br, scale, DOT_DTYPE, ACC, PRECISION, BLOCK_M, BLOCK_N,
+                    BLOCK_K, BLOCK_R)
+            dm = tl.where(redo, tl.sum(acc, axis=0), dm)
     norm = tl.load(norm_ptr + rn, mask=n_ok, other=1.0)
-    tl.store(dm_ptr + rn, tl.sum(acc, axis=0) / norm, mask=n_ok)
+    tl.store(dm_ptr + rn, dm / norm, mask=n_ok)
 
 
 @triton.jit

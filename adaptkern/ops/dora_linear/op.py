@@ -9,9 +9,10 @@ Forward launches, without dropout: the norm kernel (n and g, one read of W), the
 ``S = x·Aᵀ`` and one main GEMM ``y = g ⊙ (x·Wᵀ + s·S·Bᵀ) + b`` (the dual GEMM with its
 per-column scale) — LoRA's split route plus one read of W. ``dm`` needs ``P = x·Wᵀ + s·S·Bᵀ``:
 without dropout backward recovers it from the saved output, ``P = (y − b) / g`` (recomputed
-for a column with |g| < 2/3, g = 0 included, where that would lose precision;
-``reference.recover_p``), so the forward writes nothing ``[M, N]`` but y (autograd then holds
-y: modifying y in place before backward is an error, as for any op that saves its output).
+as x·Wᵀ + s·S·Bᵀ for a column where the bias dominates g ⊙ P, or g = 0, where that would lose
+precision: ``reference.recover_p``), so the forward writes nothing ``[M, N]`` but y (autograd
+then holds y: modifying y in place before backward is an error, as for any op that saves its
+output).
 With dropout y needs x·Wᵀ and x̃·Wᵀ (two base GEMMs, as in PEFT), in one launch and one
 accumulator: ``P = x̃·Wᵀ + s·S·Bᵀ`` (written, x's dtype), then ``y = (g − 1) ⊙ P + x·Wᵀ +
 s·S·Bᵀ + b`` by a second pass over W and B with x undropped (no fp32 ``[M, N]`` temporaries;
@@ -30,7 +31,8 @@ compiler path): the main GEMM with the column scale takes 126 registers, 2 CTAs/
 main GEMM: 119), in training too (writing P as well took 140 and 1 CTA/SM before P was
 recovered from y). With dropout the one main launch takes 229 and 1 CTA/SM (it was two: 215
 and 117, plus the fp32 temporaries and their sum). The norm kernel: 64 registers, 128 CTAs;
-the column sum: 108 on 8 warps (its recompute branch's tiles; 4 warps spilled in fp32). No spills.
+the column sum: 121 on 8 warps, 2 CTAs/SM (108 before it summed its two error bounds per
+column; fp32: 182, 1 CTA/SM; its recompute loop's tiles: 4 warps spilled in fp32). No spills.
 
 ``g ⊙ W`` and ``g ⊙ B`` are materialised in x's dtype per backward (N·K + N·R elements): the
 dual GEMM has a per-output-column scale, and g sits on the reduction dimension of these products.
@@ -160,7 +162,7 @@ def _backward_triton(dy, x, weight, bias, a_w, b_w, mag, norm, s, p, y, scale, d
             _dora_linear_colsum_kernel[(triton.cdiv(n, COLSUM_BLOCK_N),)](
                 dm, dy, src, src, bias if bias is not None else norm, g.reshape(-1).contiguous(), norm, x, weight,
                 s, b_w, m, n, k, r, *dy.stride(), *src.stride(), *src.stride(), *x.stride(), *weight.stride(),
-                *s.stride(), *b_w.stride(), scale, reference.RECOVER_MIN_G,
+                *s.stride(), *b_w.stride(), scale, reference.RECOVER_RATIO, torch.finfo(src.dtype).tiny,
                 FROM_Y=not dropout, HAS_BIAS=bias is not None, **dot_dtype,
                 BLOCK_M=COLSUM_BLOCK_M, BLOCK_N=COLSUM_BLOCK_N, BLOCK_K=COLSUM_BLOCK_K,
                 BLOCK_R=min(config.block_r(r), 64), num_warps=COLSUM_WARPS,

@@ -75,21 +75,32 @@ def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale, keep,
             p.to(x.dtype) if need_p and keep is not None else x.new_empty(0))
 
 
-# P = (y − b) / g carries y's rounding ~ulp(|b|) divided by |g|; below this |g| (and at g = 0,
-# where y = b holds no P) the P of those columns is recomputed instead (kernels.py's docstring).
-RECOVER_MIN_G = 2.0 / 3.0
+# Recovering P = (y − b) / g from the output (no dropout). y = fl(g ⊙ P + b) carries an error
+# |δy| ≤ u·(|y| + tiny) (u: y's unit roundoff, tiny: its smallest normal, covering underflow), so
+# the recovered P carries |δy| / |g| and column n's dm = Σ_m dY·P / n_n is off by at most
+#     u · Σ_m |dY|·(|y| + tiny) / |g|,
+# against u · Σ_m |dY|·|P| = u · Σ_m |dY|·|y − b| / |g| for P merely rounded to y's dtype (what
+# any computation in that dtype pays). A column is recovered only where the first is at most
+# RECOVER_RATIO times the second (g cancels):  Σ |dY|·(|y| + tiny) ≤ RECOVER_RATIO · Σ |dY|·|y − b|,
+# i.e. where the bias does not dominate g ⊙ P; elsewhere, and where g = 0 (y = b holds no P),
+# P = x·Wᵀ + s·S·Bᵀ is recomputed. Without a bias the two sides are equal: y always gives P.
+RECOVER_RATIO = 2.0
 
 
-def recover_p(y, bias, g, x, weight, s, lora_b, scale):
-    """Semantics: P = (y − b) / g from the output y = g ⊙ P + b (no dropout); a column with
-    |g| < RECOVER_MIN_G (g = 0 included) gets P = x·Wᵀ + s·S·Bᵀ recomputed. Shapes: y [M, N],
-    bias [N] | None, g [N], x [M, K], weight [N, K], s [M, R], lora_b [N, R] -> [M, N] in g's dtype."""
-    acc = g.dtype
-    small = g.abs() < RECOVER_MIN_G
-    centred = y.to(acc) - (0.0 if bias is None else bias.to(acc))
-    p = centred / torch.where(small, 1.0, g)
-    if bool(small.any()):
-        cols = small.nonzero().flatten()
+def recover_p(y, bias, g, dy, x, weight, s, lora_b, scale):
+    """Semantics: P = (y − b) / g from the output y = g ⊙ P + b (no dropout), except in the
+    columns where that loses precision (RECOVER_RATIO's rule, g = 0 included), which get
+    P = x·Wᵀ + s·S·Bᵀ recomputed. Shapes: y [M, N], bias [N] | None, g [N], dy [M, N], x [M, K],
+    weight [N, K], s [M, R], lora_b [N, R] -> [M, N] in g's dtype."""
+    acc, tiny = g.dtype, torch.finfo(y.dtype).tiny
+    y = y.to(acc)
+    centred = y - (0.0 if bias is None else bias.to(acc))
+    ady = dy.to(acc).abs()
+    err = (ady * (y.abs() + tiny)).sum(0)
+    redo = (g == 0) | (err > RECOVER_RATIO * (ady * centred.abs()).sum(0))
+    p = centred / torch.where(g == 0, 1.0, g)
+    if bool(redo.any()):
+        cols = redo.nonzero().flatten()
         p[:, cols] = x.to(acc) @ weight[cols].to(acc).t() + scale * (s @ lora_b[cols].to(acc).t())
     return p
 
@@ -127,6 +138,6 @@ def dora_linear_backward(dy, x, weight, bias, lora_a, lora_b, magnitude, norm, s
         dy32.sum(0) if need_b else None,
         dz.t() @ x_ad if need_a else None,
         scale * dyg.t() @ s if need_bb else None,
-        (dy32 * (p.to(acc) if keep is not None else recover_p(y, bias, g, x, weight, s, lora_b, scale))).sum(0)
+        (dy32 * (p.to(acc) if keep is not None else recover_p(y, bias, g, dy, x, weight, s, lora_b, scale))).sum(0)
         / norm if need_m else None,
     )
