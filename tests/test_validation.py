@@ -94,7 +94,7 @@ class TestModuleErrors:
         with pytest.raises(ValueError, match="r must be a positive int"):
             m.add_lora("a", 0)
         m.add_bottleneck("bn", 3)
-        with pytest.raises(ValueError, match="only LoRA adapters can be merged"):
+        with pytest.raises(ValueError, match="only LoRA and DoRA adapters can be merged"):
             m.merge("bn")
         with pytest.raises(ValueError, match="no adapter is merged"):
             m.unmerge()
