@@ -151,6 +151,7 @@ def _dual_gemm_kernel(
 # address only when 16-byte aligned. At 128×128 tiles with 3 stages the dX launch then spills
 # (16/8 B per thread at K = 1000, bf16); 128×64 tiles with 2 stages do not (236 registers).
 UNALIGNED_STAGES, UNALIGNED_BLOCK_N = 2, 64
+DROP_PER_THREAD = 32  # dropped-operand elements per thread and K step (more: Philox state spills or costs registers)
 
 
 def _aligned(*operands) -> bool:
@@ -188,6 +189,10 @@ def gemm(out, p1, q1, *, p2=None, q2=None, bias1=None, bias2=None, z=None, store
     if not _aligned(p1, q1, p2, q2):
         cfg = cfg._replace(num_stages=min(cfg.num_stages, UNALIGNED_STAGES),
                            block_n=min(cfg.block_n, UNALIGNED_BLOCK_N))
+    if drop in (DROP_P1, DROP_Q1):  # Philox in the K loop: at most DROP_PER_THREAD elements a thread per step
+        width = cfg.block_m if drop == DROP_P1 else cfg.block_n
+        while cfg.block_k > 16 and width * cfg.block_k > DROP_PER_THREAD * 32 * cfg.num_warps:
+            cfg = cfg._replace(block_k=cfg.block_k // 2)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits = 1
     if (allow_split_k and out.dtype in (torch.float32, torch.float64) and epilogue == EPI_NONE and p2 is None
