@@ -164,3 +164,17 @@ def quantize_linears(model, targets, compute_dtype=torch.float32, quant_type="nf
         setattr(model.get_submodule(parent), child, q.to("cpu").train(module.training))
     model.is_loaded_in_4bit = True
     return model
+
+
+def tiny_word_tokenizer():
+    """A word-level fast tokenizer whose ids fit the tiny models' vocabulary of 64: ``<pad>`` 0, ``<unk>`` 1,
+    ``</s>`` 2 (eos), then lowercase words split on whitespace. Built in memory, nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("the a cat dog bird fish sees eats likes chases runs sleeps on under near big small red blue green "
+             "old young happy sad mat tree house river and with fast slowly today").split()
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
