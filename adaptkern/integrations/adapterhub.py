@@ -12,12 +12,14 @@ LayerNorm (BERT-style, post-LN) or none (Llama-style, pre-norm)::
 
 With ``original_ln_before=False``, ``original_ln_after=True`` and a constant scaling (Houlsby,
 ``double_seq_bn``) this is ``y = LN(h + s·(f(h·Dᵀ + d)·Uᵀ + u) + r)``: a *sequential* adapter on the
-Linear that produces h, followed by the model's own residual and LayerNorm; :func:`load_adapterhub`
-builds it as an ``AdapterLinear``. Every other placement (``seq_bn``: ``original_ln_before=True``,
-with ``residual_before_ln`` true, false or "post_add"; ``original_ln_after=False``; ``par_bn``:
-``is_parallel=True``; ``scaling`` "learned" (``scaled_par_bn``) or "channel") reads the residual
-stream and runs on the norm-fused op (``fused_bottleneck``: the sub-block's output module is
-replaced on BERT-style layers, its output Linear on Llama-style layers). Locations:
+Linear that produces h, followed by the model's own residual and LayerNorm. On Llama-style layers
+(no dropout after the Linear) :func:`load_adapterhub` builds it as an ``AdapterLinear``. Every other
+placement (``seq_bn``: ``original_ln_before=True``, with ``residual_before_ln`` true, false or
+"post_add"; ``original_ln_after=False``; ``par_bn``: ``is_parallel=True``; ``scaling`` "learned"
+(``scaled_par_bn``) or "channel"), and every placement on BERT-style layers, runs on the norm-fused
+op (``fused_bottleneck``: the sub-block's output module is replaced on BERT-style layers, so BERT's
+hidden dropout drops h before the adapter reads it, as in the library; the output Linear on
+Llama-style layers). Locations:
 
 - BERT-style layers (bert, roberta, xlm-roberta, electra): ``mh_adapter`` on ``attention.output``
   (``.dense``), ``output_adapter`` on ``output`` (``.dense``);
@@ -30,12 +32,8 @@ the ``adapters`` library itself fails (no norm, or ``original_ln_before=False``)
 ``ln_before``/``ln_after``, ``phm_layer``, ``use_gating``, ``inv_adapter``, ``cross_adapter``,
 ``dropout``/``stochastic_depth`` > 0 and activations without an exact kernel counterpart.
 
-Numerics: in eval mode the loaded model reproduces the ``adapters`` library's outputs (fp32,
-tests/integrations/test_adapterhub.py). In training mode with BERT's ``hidden_dropout_prob > 0`` the
-Houlsby (AdapterLinear) placement differs in where the dropout sits: the ``adapters`` library drops h
-before the adapter reads it, AdapterLinear's adapter is inside the Linear, so BERT's dropout applies
-to h + adapter(h). The fused placements drop h first, as the library does. Llama-style models have
-no dropout there.
+Numerics: the loaded model reproduces the ``adapters`` library's outputs and adapter gradients, in
+eval and in training mode with the same dropout masks (fp32, tests/integrations/test_adapterhub.py).
 """
 
 from __future__ import annotations
@@ -166,7 +164,7 @@ def check_bn_config(cfg: dict, legacy: bool) -> dict:
     else:
         scaling = _real(scaling, "adapter config field 'scaling'")
     # The residual stream, a learned scaling or a dropped residual need the norm-fused op; the rest is a
-    # sequential adapter on the Linear (AdapterLinear).
+    # sequential adapter on the Linear (AdapterLinear on Llama-style layers; see bottleneck_layout).
     fused = (placement["original_ln_before"] or placement["is_parallel"] or not placement["original_ln_after"]
              or isinstance(scaling, str))
 
@@ -262,9 +260,9 @@ def load_adapterhub(model: nn.Module, path: str, adapter_name: Optional[str] = N
     """Load an AdapterHub bottleneck adapter saved by ``adapters``' ``save_adapter`` into ``model``.
 
     Semantics: for every layer i not in ``leave_out`` and every location the config enables, the
-    sub-block computes AdapterHub's formula (module docstring). Houlsby-style configs: the Linear
-    that produces h becomes an ``AdapterLinear`` (sharing its weights) with a sequential adapter
-    ``y = h + scaling·(f(h·Dᵀ + d)·Uᵀ + u)``; the others run on the norm-fused op
+    sub-block computes AdapterHub's formula (module docstring). Houlsby-style configs on Llama-style
+    layers: the Linear that produces h becomes an ``AdapterLinear`` (sharing its weights) with a
+    sequential adapter ``y = h + scaling·(f(h·Dᵀ + d)·Uᵀ + u)``; the others run on the norm-fused op
     (``adaptkern.integrations.fused_bottleneck``; activate with ``set_fused_adapter``).
     D = ``adapter_down.0.weight`` [R, H],
     d = ``adapter_down.0.bias`` [R], U = ``adapter_up.weight`` [H, R], u = ``adapter_up.bias`` [H],
@@ -365,7 +363,7 @@ def bottleneck_layout(model: nn.Module, spec: dict, saved_type=None, saved_hidde
         raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
     prefix, layers = _find_layers(model, family)
     _, linears, modules = _FAMILIES[family]
-    fused = spec["fused"]
+    fused = spec["fused"] or family == "bert"  # BERT: the hidden dropout must come before the adapter
     where = fused_bottleneck.placement(spec["placement"], has_norm=family == "bert")  # raises where adapters fails
     out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
     if out_of_range:
@@ -408,8 +406,8 @@ def check_sites(model: nn.Module, layout: dict, name: str) -> None:
 
 
 def install(model: nn.Module, name: str, spec: dict, layout: dict) -> None:
-    """Add adapter ``name`` (zero-initialised) at every site of ``layout``: an ``AdapterLinear``
-    sequential adapter (Houlsby-style placements) or a fused-bottleneck holder's adapter."""
+    """Add adapter ``name`` (zero-initialised) at every site of ``layout``: an ``AdapterLinear`` sequential
+    adapter (Houlsby-style placements on Llama-style layers) or a fused-bottleneck holder's adapter."""
     targets = {holder: size for _, _, _, holder, size in layout["sites"]}
     if layout["where"] is not None:
         _add_fused(model, targets, name, spec, layout["where"], layout["family"])

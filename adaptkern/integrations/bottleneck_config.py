@@ -99,8 +99,9 @@ def add_bottleneck(model: nn.Module, name: str, config: Union[None, str, dict, i
     base output; "houlsby" D, U ~ N(0, 0.01) truncated at ±0.02; biases 0, learned scalings 1. Any other
     BnConfig field may be passed as a keyword (``mh_adapter=True``, ``leave_out=[0]``,
     ``residual_before_ln=False``, ``init_weights_seed=3``, ...); fields adaptkern cannot place exactly
-    raise NotImplementedError naming the field. Runs on AdapterLinear (``double_seq_bn``) or on the
-    norm-fused op (the others; see ``adaptkern.integrations.fused_bottleneck``). The config is kept
+    raise NotImplementedError naming the field. Runs on AdapterLinear (``double_seq_bn`` on Llama-style
+    models) or on the norm-fused op (every placement on BERT-style models, and the others; see
+    ``adaptkern.integrations.fused_bottleneck``). The config is kept
     in ``model.adapterhub_configs[name]`` for ``save_adapterhub``.
 
     Per-Linear form (kept from earlier releases): ``add_bottleneck(model, name, rank, *,

@@ -1,5 +1,6 @@
 """Bottleneck adapters that read the residual stream (AdapterHub ``seq_bn``, ``par_bn``, ``scaled_par_bn``
-and their variants), placed in BERT-style and Llama-style layers on the norm-fused op.
+and their variants), placed in BERT-style and Llama-style layers on the norm-fused op; on BERT-style layers
+also the Houlsby-style ones (``double_seq_bn``: they read h after BERT's hidden dropout).
 
 AdapterHub's formula (``adapters`` 1.3, ``methods.modeling``) with h the sub-block's output Linear
 (after BERT's hidden dropout), r the sub-block's residual input and LN its LayerNorm (none on

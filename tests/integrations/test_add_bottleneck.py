@@ -89,7 +89,7 @@ def test_training_step_reaches_only_the_adapter(arch, config):
     with count_launches() as launches:
         out = model(**inputs).logits
         out.square().mean().backward()
-    if config == "double_seq_bn":
+    if config == "double_seq_bn" and arch == "llama":
         assert sorted(holders) == sorted(adapter_modules(model, "a")) and sum(launches.values()) >= len(holders)
     else:
         assert sorted(holders) == sorted(fused_modules(model, "a"))

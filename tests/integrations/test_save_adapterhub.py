@@ -200,11 +200,11 @@ def test_refuses_adapters_without_an_adapterhub_config(tmp_path):
 
 
 def test_refuses_a_deleted_or_broken_adapter(tmp_path):
-    model = build("bert")
-    load_adapterhub(model, os.path.join(FIXTURES, "bert", "seq_relu"))
-    delete_adapter(model, "seq_relu")
-    with pytest.raises(ValueError, match="has no adapter 'seq_relu'"):
-        save_adapterhub(model, tmp_path / "x", "seq_relu")
+    model = build("llama")
+    load_adapterhub(model, os.path.join(FIXTURES, "llama", "houlsby_gelu"))
+    delete_adapter(model, "houlsby_gelu")
+    with pytest.raises(ValueError, match="has no adapter 'houlsby_gelu'"):
+        save_adapterhub(model, tmp_path / "x", "houlsby_gelu")
     model = build("bert")
     add_bottleneck(model, "p", "par_bn")
     with torch.no_grad():
