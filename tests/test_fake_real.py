@@ -83,7 +83,7 @@ def adapter_linear_backward_args(dev, dtype, m, needs, grad):
     return [dy, x.requires_grad_(grad), w, a_w, b_w, z, 0.5, "gelu", 0.0, None, list(needs)]
 
 
-def mixed_args(dev, dtype, m, need_z, grad, lora_only=False, slices=1, mapping=False):
+def mixed_args(dev, dtype, m, need_z, grad, lora_only=False, slices=1, mapping=False, col_scales=False):
     g = torch.Generator().manual_seed(2)
     x = _rnd(g, m, K, dtype=dtype, device=dev, grad=grad)
     widths = (N,) if slices == 1 else (4, 2, 1)
@@ -97,7 +97,8 @@ def mixed_args(dev, dtype, m, need_z, grad, lora_only=False, slices=1, mapping=F
     acts = None if lora_only else torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
     ids = _ids(m, dev)
     sorted_rows, offsets = _metadata(ids) if mapping else (None, None)
-    return [x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z]
+    cs = (torch.rand(S, sum(widths), generator=g) + 0.5).to(dtype=acc(dtype), device=dev) if col_scales else None
+    return [x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, need_z, cs]
 
 
 def _ids(m, dev, dtype=torch.int32):
@@ -111,15 +112,15 @@ def _metadata(ids):
     return meta.sorted_rows, meta.offsets
 
 
-def mixed_backward_args(dev, dtype, m, needs, grad, lora_only=False, slices=1):
-    fwd = mixed_args(dev, dtype, m, True, False, lora_only, slices)
+def mixed_backward_args(dev, dtype, m, needs, grad, lora_only=False, slices=1, col_scales=False):
+    fwd = mixed_args(dev, dtype, m, True, False, lora_only, slices, col_scales=col_scales)
     _, z = op("mixed_adapter_linear")(*fwd)
     g = torch.Generator().manual_seed(3)
-    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, _ = fwd
+    x, w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows, offsets, _, cs = fwd
     dy = _rnd(g, m, w.shape[0], dtype=dtype, device=dev, grad=grad)
     needs = [need and t is not None for need, t in zip(needs, (x, w, b, a_all, a_bias, b_all, b_bias))]
     return [dy, x.requires_grad_(grad), w, b, a_all, a_bias, b_all, b_bias, scales, ranks, acts, ids, sorted_rows,
-            offsets, z, needs]
+            offsets, z, needs, cs]
 
 
 def delta_args(kind, dev, dtype, m, grad):
@@ -283,6 +284,7 @@ VARIANTS = {
         "lora-noz": lambda d, t, m, g: mixed_args(d, t, m, False, g, lora_only=True),
         "slices-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True, slices=3),
         "slices-mapping-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True, slices=3, mapping=True),
+        "dora-scaled-z": lambda d, t, m, g: mixed_args(d, t, m, True, g, lora_only=True, col_scales=True),
     },
     "mixed_adapter_linear_backward": {
         "needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g),
@@ -291,6 +293,8 @@ VARIANTS = {
         "lora-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True),
         "needs-none": lambda d, t, m, g: mixed_backward_args(d, t, m, NONE, g),
         "slices-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True, slices=3),
+        "dora-scaled-needs-all": lambda d, t, m, g: mixed_backward_args(d, t, m, ALL, g, lora_only=True,
+                                                                        col_scales=True),
     },
     "dora_linear": {
         "saved": lambda d, t, m, g: dora_args(d, t, m, g),
