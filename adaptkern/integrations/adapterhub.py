@@ -25,7 +25,9 @@ Llama-style layers). Locations:
   (``.dense``), ``output_adapter`` on ``output`` (``.dense``);
 - Llama-style layers (llama, mistral, qwen2: ``adapters`` hooks the same Linears there, to the same
   effect, and refuses ``original_ln_after=False``): ``mh_adapter`` on ``self_attn.o_proj``, ``output_adapter`` on
-  ``mlp.down_proj``.
+  ``mlp.down_proj``;
+- GPT-2 (pre-norm, as Llama; every placement fused, the adapter reads h after the residual dropout):
+  ``mh_adapter`` on ``attn.c_proj``, ``output_adapter`` on ``mlp.c_proj`` (Conv1D).
 
 Refused with NotImplementedError naming the config field: ``residual_before_ln="post_add"`` where
 the ``adapters`` library itself fails (no norm, or ``original_ln_before=False``),
@@ -66,6 +68,8 @@ _FAMILIES = {
     "llama": (("llama", "mistral", "qwen2"),
               {"mh_adapter": "self_attn.o_proj", "output_adapter": "mlp.down_proj"},
               {"mh_adapter": "attention_adapters", "output_adapter": "output_adapters"}),
+    "gpt2": (("gpt2",), {"mh_adapter": "attn.c_proj", "output_adapter": "mlp.c_proj"},
+             {"mh_adapter": "attention_adapters", "output_adapter": "output_adapters"}),
 }
 
 # model types adapters adapts through its plug-in interface (hooks; the model adds the residual itself)
@@ -363,7 +367,7 @@ def bottleneck_layout(model: nn.Module, spec: dict, saved_type=None, saved_hidde
         raise ValueError("cannot tell the model's hidden_size (model.config.hidden_size)")
     prefix, layers = _find_layers(model, family)
     _, linears, modules = _FAMILIES[family]
-    fused = spec["fused"] or family == "bert"  # BERT: the hidden dropout must come before the adapter
+    fused = spec["fused"] or family != "llama"  # BERT, GPT-2: the dropout on h must come before the adapter
     where = fused_bottleneck.placement(spec["placement"], has_norm=family == "bert")  # raises where adapters fails
     out_of_range = sorted(i for i in spec["leave_out"] if i not in layers)
     if out_of_range:
@@ -459,21 +463,19 @@ def _check_target(model: nn.Module, target: str, hidden: int, name: str, fused: 
                 for a, t in (("dense", nn.Linear), ("LayerNorm", nn.LayerNorm), ("dropout", nn.Dropout))):
             raise ValueError(f"{target!r} is a {type(module).__name__}, expected a BERT-style sub-block output "
                              "(dense, dropout, LayerNorm)")
-        linear = module.dense
+    elif family == "gpt2":
+        if fused_bottleneck.output_features(module) is None or isinstance(module, nn.Linear):
+            raise ValueError(f"{target!r} is a {type(module).__name__}, expected GPT-2's Conv1D")
     else:
         kinds = (fused_bottleneck.ResidualBottleneckLinear, nn.Linear) if fused else (nn.Linear,)
         if not isinstance(module, kinds) or (fused and isinstance(module, AdapterLinear)):
             raise ValueError(f"{target!r} is a {type(module).__name__}, expected an nn.Linear")
-        linear = module
-    if linear.out_features != hidden:
-        raise ValueError(f"{target!r} has out_features {linear.out_features}, the adapter needs {hidden}")
+    out_features = fused_bottleneck.output_features(module)
+    if out_features != hidden:
+        raise ValueError(f"{target!r} has out_features {out_features}, the adapter needs {hidden}")
     holders = getattr(module, "adapters", {})
     if name in holders:
         raise ValueError(f"an adapter named {name!r} already exists on {target!r}")
-
-
-# the norm whose input is the residual stream r of a Llama-style sub-block, per Linear
-_RESIDUAL_SOURCES = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
 
 
 def _add_fused(model: nn.Module, targets: dict, name: str, spec: dict, where: tuple, family: str) -> None:
@@ -485,13 +487,11 @@ def _add_fused(model: nn.Module, targets: dict, name: str, spec: dict, where: tu
         if family == "bert" and not isinstance(module, fused_bottleneck.NormBottleneckOutput):
             module = fused_bottleneck.NormBottleneckOutput(module)
             setattr(parent, child, module)
-        elif family != "bert" and not isinstance(module, fused_bottleneck.ResidualBottleneckLinear):
+        elif family != "bert":
             layer_name, rel = target.rsplit(".", 2)[0], ".".join(target.rsplit(".", 2)[1:])
-            source = model.get_submodule(layer_name).get_submodule(_RESIDUAL_SOURCES[rel])
-            module = fused_bottleneck.ResidualBottleneckLinear(module, source)
-            setattr(parent, child, module)
+            module = fused_bottleneck.wrap_pre_norm(model.get_submodule(layer_name), rel)
         weight = _target_weight(module)
         module.adapters[name] = fused_bottleneck.FusedBottleneck(
-            weight.shape[0], size, activation=spec["activation"], scaling=spec["scaling"],
+            fused_bottleneck.output_features(module), size, activation=spec["activation"], scaling=spec["scaling"],
             adapter_input=adapter_input, coefficients=coefficients, final_norm=final_norm, device=weight.device,
             dtype=weight.dtype)

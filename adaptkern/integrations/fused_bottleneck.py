@@ -1,6 +1,6 @@
 """Bottleneck adapters that read the residual stream (AdapterHub ``seq_bn``, ``par_bn``, ``scaled_par_bn``
-and their variants), placed in BERT-style and Llama-style layers on the norm-fused op; on BERT-style layers
-also the Houlsby-style ones (``double_seq_bn``: they read h after BERT's hidden dropout).
+and their variants), placed in BERT-style, Llama-style and GPT-2 layers on the norm-fused op; on BERT-style and
+GPT-2 layers also the Houlsby-style ones (``double_seq_bn``: they read h after the model's dropout on h).
 
 AdapterHub's formula (``adapters`` 1.3, ``methods.modeling``) with h the sub-block's output Linear
 (after BERT's hidden dropout), r the sub-block's residual input and LN its LayerNorm (none on
@@ -16,9 +16,10 @@ Every case is one call of :func:`adaptkern.bottleneck_norm.bottleneck_norm` with
 input a and the coefficients of (h, r, LN(h + r)) given by :func:`placement`. On BERT-style
 layers the sub-block's output module (dense, dropout, LayerNorm) is replaced by
 :class:`NormBottleneckOutput` (same parameter names, same dropout: exact in training too). On
-Llama-style layers the decoder adds r itself after the Linear, so :class:`ResidualBottleneckLinear`
-replaces the Linear and returns y − r (its coefficient of r is one less); it reads r from a
-forward pre-hook on the norm that opens the sub-block, whose input is r.
+Llama-style layers and GPT-2 the decoder adds r itself after the Linear, so
+:class:`ResidualBottleneckLinear` replaces the Linear (GPT-2: the Conv1D ``c_proj`` and the residual
+dropout after it, which drops h before the adapter reads it) and returns y − r (its coefficient of r
+is one less); it reads r from a forward pre-hook on the norm that opens the sub-block, whose input is r.
 """
 
 from __future__ import annotations
@@ -121,14 +122,19 @@ class NormBottleneckOutput(nn.Module):
 
 
 class ResidualBottleneckLinear(nn.Module):
-    """A Llama-style sub-block's output Linear with fused bottleneck adapters that read the residual r
-    (set by a forward pre-hook on the sub-block's opening norm). Returns y − r: the decoder adds r."""
+    """A pre-norm sub-block's output Linear (or GPT-2's Conv1D ``c_proj``: ``transposed``, weight [K, N])
+    with fused bottleneck adapters that read the residual r (set by a forward pre-hook on the sub-block's
+    opening norm); ``dropout`` (GPT-2's residual dropout, moved in here) drops h before the adapter reads
+    it. Returns y − r: the decoder adds r."""
 
-    def __init__(self, linear: nn.Linear, residual_source: nn.Module):
+    def __init__(self, linear: nn.Module, residual_source: nn.Module, *, transposed: bool = False,
+                 dropout: Optional[nn.Module] = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = linear.weight.shape[::-1] if transposed else linear.weight.shape
         self.weight = linear.weight
         self.bias = linear.bias
+        self.transposed = transposed
+        self.dropout = dropout if dropout is not None else nn.Identity()
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self._residual: Optional[Tensor] = None
@@ -138,15 +144,55 @@ class ResidualBottleneckLinear(nn.Module):
         self._residual = args[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        weight, bias = (self.weight.t() if self.transposed else self.weight), self.bias
         if self.active_adapter is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self.dropout(nn.functional.linear(x, weight, bias))
         residual, self._residual = self._residual, None
         if residual is None or residual.shape[:-1] != x.shape[:-1]:
             raise RuntimeError("ResidualBottleneckLinear runs inside its decoder layer only: the residual stream "
                                "(the input of the sub-block's norm) was not seen in this forward")
+        if self.training and getattr(self.dropout, "p", 0.0) > 0:
+            x, weight, bias = self.dropout(nn.functional.linear(x, weight, bias)), None, None
         adapter = self.adapters[self.active_adapter]
         c_h, c_r, c_n = adapter.coefficients
-        return _run(adapter, x, self.weight, self.bias, residual, (c_h, c_r - 1.0, c_n), None, False)
+        return _run(adapter, x, weight, bias, residual, (c_h, c_r - 1.0, c_n), None, False)
+
+
+# output Linear of a pre-norm decoder layer -> (the norm whose input is r, the dropout on h the adapter reads
+# after (moved into the holder), Conv1D weight [K, N])
+PRE_NORM_SITES = {"self_attn.o_proj": ("input_layernorm", None, False),
+                  "mlp.down_proj": ("post_attention_layernorm", None, False),
+                  "attn.c_proj": ("ln_1", "attn.resid_dropout", True), "mlp.c_proj": ("ln_2", "mlp.dropout", True)}
+
+
+def output_features(module: nn.Module) -> Optional[int]:
+    """N of a site's Linear (nn.Linear, a holder, a BERT-style output's dense, GPT-2's Conv1D), else None."""
+    if isinstance(module, (nn.Linear, ResidualBottleneckLinear)):
+        return module.out_features
+    if isinstance(getattr(module, "dense", None), nn.Linear):
+        return module.dense.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", torch.empty(0)).dim() == 2:
+        return module.weight.shape[1]
+    return None
+
+
+def wrap_pre_norm(layer: nn.Module, rel: str) -> ResidualBottleneckLinear:
+    """Replace the output Linear ``rel`` of pre-norm decoder ``layer`` by a ResidualBottleneckLinear
+    (returned; an existing one is kept)."""
+    module = layer.get_submodule(rel)
+    if isinstance(module, ResidualBottleneckLinear):
+        return module
+    norm, dropout_name, transposed = PRE_NORM_SITES[rel]
+    dropout = None
+    if dropout_name is not None:
+        owner_name, _, attr = dropout_name.rpartition(".")
+        owner = layer.get_submodule(owner_name)
+        dropout = getattr(owner, attr)
+        setattr(owner, attr, nn.Identity())
+    holder = ResidualBottleneckLinear(module, layer.get_submodule(norm), transposed=transposed, dropout=dropout)
+    parent, _, child = rel.rpartition(".")
+    setattr(layer.get_submodule(parent), child, holder)
+    return holder
 
 
 def fused_modules(model: nn.Module, name: Optional[str] = None) -> dict:

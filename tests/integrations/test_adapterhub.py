@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2Model, LlamaConfig,
-                          LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, RobertaConfig, RobertaModel)
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
+                          GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaModel)
 
 from adaptkern.integrations.adapterhub import load_adapterhub
 from adaptkern.integrations.fused_bottleneck import fused_modules, set_fused_adapter
@@ -41,7 +41,8 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 ATOL = 1e-5
 MODELS = {"bert": (BertConfig, BertModel), "llama": (LlamaConfig, LlamaForCausalLM),
           "roberta": (RobertaConfig, RobertaModel), "mistral": (MistralConfig, MistralForCausalLM),
-          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}  # qwen2: adapters' plug-in hooks (adapter_interface.json)
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # qwen2: adapters' plug-in hooks (adapter_interface.json)
+          "gpt2": (GPT2Config, GPT2LMHeadModel)}
 ENCODERS = ("bert", "roberta")  # fixtures hold last_hidden_state; the decoders' hold logits
 
 # fixture -> (Linear suffixes that get the adapter, activation, scale); on Llama-style layers only (BERT's
@@ -188,6 +189,13 @@ FUSED = {
     ("llama", "scaled_parallel"): ([f"model.layers.{i}.{m}" for i in (0, 1)
                                     for m in ("self_attn.o_proj", "mlp.down_proj")], "residual", (1.0, 1.0, 0.0),
                                    False),
+    # GPT-2: the Conv1D c_proj and the residual dropout after it (every placement: the adapter reads h after it)
+    ("gpt2", "pfeiffer"): ([f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")], "sum",
+                           (1.0, 1.0, 0.0), False),
+    ("gpt2", "parallel"): (["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"], "residual", (1.0, 1.0, 0.0),
+                           False),
+    ("gpt2", "houlsby"): ([f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")], "output",
+                          (1.0, 1.0, 0.0), False),
 }
 
 
@@ -285,6 +293,7 @@ def test_legacy_config_and_keys(tmp_path):
 
 @pytest.mark.parametrize("family,adapter,changes,field", [
     ("llama", "pfeiffer", dict(residual_before_ln="post_add"), "residual_before_ln"),
+    ("gpt2", "pfeiffer", dict(residual_before_ln="post_add"), "residual_before_ln"),
     ("bert", "seq_relu", dict(residual_before_ln="post_add"), "residual_before_ln"),
     ("bert", "pfeiffer", dict(ln_after=True), "ln_after"),
     ("qwen2", "pfeiffer", dict(original_ln_after=False), "original_ln_after"),
@@ -317,9 +326,28 @@ def test_unsupported_config_fields_raise(tmp_path, field, value):
 
 
 def test_unsupported_model_type():
-    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16))
-    with pytest.raises(NotImplementedError, match="model_type 'gpt2'"):
+    model = GPTNeoXModel(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=16))
+    snap = snapshot(model)
+    with pytest.raises(NotImplementedError, match="model_type 'gpt_neox'.*'gpt2'"):
         load_adapterhub(model, os.path.join(FIXTURES, "bert", "houlsby"))
+    assert_unchanged(model, snap)
+
+
+def test_gpt2_residual_dropout_moves_into_the_holder():
+    """GPT-2's adapters read h after the residual dropout, so the loader moves that dropout into the c_proj
+    holder: in training mode, adapter off, the model draws the same masks as the plain model."""
+    plain, model = build("gpt2"), build("gpt2")
+    load_adapterhub(model, os.path.join(FIXTURES, "gpt2", "pfeiffer"))
+    assert isinstance(model.transformer.h[0].attn.resid_dropout, torch.nn.Identity)
+    assert model.transformer.h[1].mlp.c_proj.dropout.p == plain.config.resid_pdrop > 0
+    set_fused_adapter(model, None)
+    outs = []
+    for m in (plain, model):
+        m.train()
+        torch.manual_seed(7)
+        outs.append(run(m, "gpt2"))
+    assert torch.equal(outs[0], outs[1])
 
 
 # -- strict loading ---------------------------------------------------------------------------------
