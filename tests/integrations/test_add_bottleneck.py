@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM
 
 from adaptkern.integrations.adapterhub_save import save_adapterhub
 from adaptkern.integrations.bottleneck_config import add_bottleneck
@@ -169,11 +169,12 @@ def test_bad_input_raises_and_leaves_the_model_alone(args, kwargs, error, match)
 
 
 def test_unsupported_architecture_and_taken_name():
-    gpt2 = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16))
-    snap = snapshot(gpt2)
-    with pytest.raises(NotImplementedError, match=r"model_type 'gpt2'.*\['bert', 'electra', 'llama', 'mistral'"):
-        add_bottleneck(gpt2, "a", "par_bn")
-    assert_unchanged(gpt2, snap)
+    neox = GPTNeoXModel(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=16))
+    snap = snapshot(neox)
+    with pytest.raises(NotImplementedError, match=r"model_type 'gpt_neox'.*'gpt2'"):
+        add_bottleneck(neox, "a", "par_bn")
+    assert_unchanged(neox, snap)
     model = build("bert")
     add_bottleneck(model, "a", "seq_bn")
     snap = snapshot(model)
