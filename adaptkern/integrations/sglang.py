@@ -1,7 +1,7 @@
 """SGLang: a LoRA backend (SGLang's ``BaseLoRABackend`` contract) running adaptkern's serving ops.
 
 :func:`register`, run as an SGLang plug-in, adds it to SGLang's backend registry under the
-name ``"adaptkern"``. SGLang is imported only there.
+name ``"adaptkern"``, as a subclass of SGLang's ``BaseLoRABackend``. SGLang is imported only there.
 
 SGLang's layouts: per LoRA buffer slot l, A of a stacked module (c slices: 3 for qkv, 2 for
 gate_up) is packed at the adapter's actual rank r_l: rows [j·r_l, (j+1)·r_l) of
@@ -16,7 +16,9 @@ engine's base GEMM + LoRA calls: for an unquantized base it runs one fused
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,9 +28,31 @@ from ..mixed import mixed_lora_linear
 from ..serving import add_lora_delta, lora_expand, lora_shrink
 from ..slot_mapping import SlotMapping
 
-__all__ = ["AdaptkernLoRABackend", "BACKEND_NAME", "register"]
+__all__ = ["AdaptkernLoRABackend", "BACKEND_NAME", "LoRABatch", "register"]
 
 BACKEND_NAME = "adaptkern"
+
+
+@dataclass(eq=False)
+class LoRABatch:
+    """The backend's ``batch_info``: one forward batch as SGLang's layers and manager read it.
+
+    ``mapping`` holds the per-token slots; ``bs`` segments of ``seg_lens`` tokens with slots
+    ``weight_indices``; ``lora_ranks`` / ``scalings`` are the backend's per-slot tensors [S];
+    ``has_active_lora``: some segment's slot has rank > 0; ``use_cuda_graph``: the preallocated
+    decode-graph batch, refilled in place (``tokens_per_request`` rows per request).
+    """
+
+    mapping: SlotMapping
+    bs: int = 0
+    seg_lens: list = field(default_factory=list)
+    weight_indices: list = field(default_factory=list)
+    lora_ranks: Optional[Tensor] = None
+    scalings: Optional[Tensor] = None
+    has_active_lora: bool = False
+    is_prefill: bool = False
+    use_cuda_graph: bool = False
+    tokens_per_request: int = 1
 
 
 class AdaptkernLoRABackend:
@@ -41,45 +65,111 @@ class AdaptkernLoRABackend:
         A_j = A[l, j·r:(j+1)·r], one :func:`adaptkern.add_lora_delta` call for every slice.
       forward_with_base: the layer's base output plus the same per-slice delta (see there).
     The per-token slots live in a :class:`~adaptkern.slot_mapping.SlotMapping` refilled in place
-    (preallocated by :meth:`init_cuda_graph_batch_info` for graph replays).
+    (preallocated by :meth:`init_decode_cuda_graph_batch_info` for graph replays), part of the
+    :class:`LoRABatch` that :meth:`prepare_lora_batch` makes :attr:`batch_info`.
     """
 
     name = BACKEND_NAME
+    # SGLang's capability flags, read by its layers, manager and graph runners: no overlapped
+    # shrink stream, no prefill graphs, and adapter-free batches still run (rank-0 slots add nothing).
+    supports_lora_a_overlap = False
+    skip_inactive_lora_batches = False
+    skip_inactive_dense_lora = False
+    supports_prefill_cuda_graph = False
 
     def __init__(self, max_loras_per_batch: int, device, **kwargs):
+        mro = type(self).__mro__
+        if mro[mro.index(AdaptkernLoRABackend) + 1] is not object:  # registered: SGLang's base is next
+            super().__init__(max_loras_per_batch, device)
         self.max_loras_per_batch = int(max_loras_per_batch)
         self.device = torch.device(device)
-        self.mapping: Optional[SlotMapping] = None
-        self.graph_mapping: Optional[SlotMapping] = None
+        self.batch_info: Optional[LoRABatch] = None
+        self.decode_cuda_graph_batch_info: Optional[LoRABatch] = None
         self.ranks = torch.zeros(self.max_loras_per_batch, dtype=torch.int32, device=self.device)
         self.scalings = torch.zeros(self.max_loras_per_batch, dtype=torch.float32, device=self.device)
         self._packed: dict = {}
         self._host_ranks: tuple = ()
 
+    @property
+    def mapping(self) -> Optional[SlotMapping]:
+        """The prepared batch's per-token slots (None before a batch or after a reset)."""
+        return None if self.batch_info is None else self.batch_info.mapping
+
+    @property
+    def graph_mapping(self) -> Optional[SlotMapping]:
+        """The preallocated slots decode graph replays refill (None before the graph init)."""
+        info = self.decode_cuda_graph_batch_info
+        return None if info is None else info.mapping
+
     # -- batch preparation ---------------------------------------------------------------------
+
+    def get_batch_info(self, layout=None) -> Optional["LoRABatch"]:
+        """The prepared batch (None: no batch, the layers run the base alone). One token layout
+        only, so ``layout`` selects nothing."""
+        return self.batch_info
+
+    def reset_batch_state(self) -> None:
+        """Forget the prepared batch (SGLang's idle forwards), and the base's lm_head state."""
+        reset = getattr(super(), "reset_batch_state", None)
+        if reset is not None:
+            reset()
+        self.batch_info = None
+
+    def init_decode_cuda_graph_batch_info(self, max_bs_in_cuda_graph: int, num_tokens_per_req: int = 1) -> None:
+        """Preallocate the batch decode graph replays refill: max_bs_in_cuda_graph·num_tokens_per_req rows
+        (num_tokens_per_req > 1: speculative target verification)."""
+        self.decode_cuda_graph_batch_info = LoRABatch(
+            mapping=SlotMapping.empty(max_bs_in_cuda_graph * num_tokens_per_req, self.max_loras_per_batch,
+                                      device=self.device),
+            tokens_per_request=int(num_tokens_per_req), use_cuda_graph=True)
 
     def init_cuda_graph_batch_info(self, *args, max_bs_in_cuda_graph: Optional[int] = None,
                                    num_tokens_per_bs: int = 1, **kwargs) -> None:
-        """Preallocate the mapping graph replays refill: max_bs_in_cuda_graph·num_tokens_per_bs rows."""
+        """The earlier name of :meth:`init_decode_cuda_graph_batch_info` (its batch-info argument,
+        when given, is not used)."""
         bs = max_bs_in_cuda_graph if max_bs_in_cuda_graph is not None else next(
             a for a in args if isinstance(a, int))
-        self.graph_mapping = SlotMapping.empty(bs * num_tokens_per_bs, self.max_loras_per_batch, device=self.device)
+        self.init_decode_cuda_graph_batch_info(bs, num_tokens_per_bs)
 
-    def prepare_lora_batch(self, forward_batch, weight_indices: list, lora_ranks: list, scalings: list, *args,
-                           use_cuda_graph: bool = False, **kwargs) -> None:
+    def prepare_lora_batch(self, forward_batch, weight_indices: list, lora_ranks: list, scalings: list,
+                           use_decode_cuda_graph: bool = False, use_prefill_cuda_graph: bool = False, *,
+                           use_cuda_graph: bool = False) -> None:
         """Per-token slots from the segments (extend: ``extend_seq_lens_cpu`` tokens per sequence;
-        decode: one), ranks and scalings written in place."""
+        decode: one, or the graph's tokens per request), ranks and scalings written in place; the
+        result is :attr:`batch_info`. ``use_cuda_graph`` is the earlier name of
+        ``use_decode_cuda_graph``; prefill graphs are not supported."""
+        if use_prefill_cuda_graph:
+            raise ValueError(f"use_prefill_cuda_graph: the {BACKEND_NAME} LoRA backend has no prefill CUDA graphs "
+                             f"(supports_prefill_cuda_graph is False)")
+        graph = bool(use_decode_cuda_graph or use_cuda_graph)
+        if graph and self.decode_cuda_graph_batch_info is None:
+            raise ValueError("use_decode_cuda_graph: init_decode_cuda_graph_batch_info was not called, so "
+                             "there is no preallocated batch for graph replays")
+        if len(weight_indices) != forward_batch.batch_size:
+            raise ValueError(f"weight_indices: {len(weight_indices)} entries for batch_size "
+                             f"{forward_batch.batch_size}")
         extend = forward_batch.forward_mode.is_extend()
-        lens = list(forward_batch.extend_seq_lens_cpu) if extend else [1] * forward_batch.batch_size
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None) if extend else None
+        if lens is None:
+            per_request = self.decode_cuda_graph_batch_info.tokens_per_request if graph else 1
+            if extend and per_request == 1:
+                raise ValueError("forward_batch: an extend batch without extend_seq_lens_cpu")
+            lens = [per_request] * forward_batch.batch_size
+        lens = [int(n) for n in lens]
         ids = torch.tensor([w for w, n in zip(weight_indices, lens) for _ in range(n)], dtype=torch.int32)
         self._host_ranks = tuple(int(r) for r in lora_ranks)
         self.ranks[:len(lora_ranks)].copy_(torch.tensor(lora_ranks, dtype=torch.int32), non_blocking=True)
         self.scalings[:len(scalings)].copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
-        graph = use_cuda_graph or (args and args[0] is True)
-        if graph and self.graph_mapping is not None:
-            self.mapping = self.graph_mapping.update_(ids.to(self.device, non_blocking=True), validate=False)
+        if graph:
+            info = self.decode_cuda_graph_batch_info
+            info.mapping.update_(ids.to(self.device, non_blocking=True), validate=False)
         else:
-            self.mapping = SlotMapping.from_ids(ids.to(self.device), self.max_loras_per_batch, validate=False)
+            info = LoRABatch(SlotMapping.from_ids(ids.to(self.device), self.max_loras_per_batch, validate=False))
+        info.bs, info.seg_lens, info.weight_indices = len(lens), lens, list(weight_indices)
+        info.lora_ranks, info.scalings = self.ranks, self.scalings
+        info.has_active_lora = any(self._host_ranks[w] > 0 for w in weight_indices)
+        info.is_prefill = extend and not graph
+        self.batch_info = info
 
     # -- the contract's kernels ----------------------------------------------------------------
 
@@ -200,14 +290,26 @@ class AdaptkernLoRABackend:
         return (weight, bias, widths) if min(widths) > 0 else None
 
 
+@functools.cache
+def _on_sglang_base(base: type) -> type:
+    """:class:`AdaptkernLoRABackend` subclassing SGLang's ``BaseLoRABackend`` (one class per base):
+    adaptkern's members first, the base's for the rest (lm_head and MoE hooks, ``is_moe_lora``)."""
+    return type(AdaptkernLoRABackend.__name__, (AdaptkernLoRABackend, base),
+                {"__module__": __name__, "__qualname__": AdaptkernLoRABackend.__qualname__,
+                 "__doc__": AdaptkernLoRABackend.__doc__})
+
+
 def register() -> None:
-    """SGLang plug-in: add :class:`AdaptkernLoRABackend` to SGLang's LoRA backend registry as
-    ``"adaptkern"``, and ``"adaptkern"`` to the choices of ``--lora-backend`` (SGLang keeps them in
-    the list ``sglang.srt.server_args.LORA_BACKEND_CHOICES``, which argparse holds by reference;
-    where that list is missing the CLI is left as it is, with a warning)."""
+    """SGLang plug-in: add :class:`AdaptkernLoRABackend`, on SGLang's ``BaseLoRABackend``, to
+    SGLang's LoRA backend registry as ``"adaptkern"``, and ``"adaptkern"`` to the choices of
+    ``--lora-backend`` (SGLang keeps them in the list ``sglang.srt.server_args.LORA_BACKEND_CHOICES``,
+    which argparse holds by reference; where that list is missing the CLI is left as it is, with a
+    warning)."""
+    from sglang.srt.lora.backend.base_backend import BaseLoRABackend
     from sglang.srt.lora.backend.lora_registry import register_lora_backend
 
-    register_lora_backend(BACKEND_NAME)(lambda: AdaptkernLoRABackend)
+    cls = _on_sglang_base(BaseLoRABackend)
+    register_lora_backend(BACKEND_NAME)(lambda: cls)
     try:
         from sglang.srt.server_args import LORA_BACKEND_CHOICES as choices
     except ImportError:

@@ -209,15 +209,70 @@ def test_forward_with_base_reduction_keeps_sglang_order(path_device):
     assert_close("row reduced", want, y.cpu(), want.float())
 
 
+class BaseLoRABackend:
+    """Stand-in for SGLang's base backend: its constructor, capability flags, per-batch state and
+    no-op hooks, with the real signatures."""
+
+    supports_lora_a_overlap = False
+    skip_inactive_lora_batches = False
+    skip_inactive_dense_lora = False
+    supports_prefill_cuda_graph = False
+
+    def __init__(self, max_loras_per_batch, device):
+        self.max_loras_per_batch, self.device = max_loras_per_batch, device
+        self.batch_info = None
+        self.lm_head_batch_info = "stale"
+        self._is_moe_lora = False
+
+    @property
+    def is_moe_lora(self):
+        return self._is_moe_lora
+
+    def reset_batch_state(self):
+        self.batch_info = self.lm_head_batch_info = None
+
+    def init_decode_cuda_graph_batch_info(self, max_bs_in_cuda_graph, num_tokens_per_req):
+        pass
+
+    def init_prefill_cuda_graph_batch_info(self, max_num_tokens, max_num_requests=None):
+        raise NotImplementedError
+
+    def prepare_lora_batch(self, forward_batch, weight_indices, lora_ranks, scalings, use_decode_cuda_graph,
+                           use_prefill_cuda_graph=False):
+        pass
+
+    def run_lora_a_sgemm(self, x, weights, *args, **kwargs):
+        pass
+
+
+# members SGLang's LoRA layers, manager and graph runners read from a backend
+READ_MEMBERS = ("get_batch_info", "batch_info", "reset_batch_state", "supports_lora_a_overlap",
+                "skip_inactive_lora_batches", "skip_inactive_dense_lora", "supports_prefill_cuda_graph",
+                "prepare_lora_batch", "init_decode_cuda_graph_batch_info", "init_prefill_cuda_graph_batch_info",
+                "forward_with_base", "run_lora_a_sgemm", "run_lora_b_sgemm", "run_qkv_lora", "run_gate_up_lora",
+                "is_moe_lora")
+
+
+def _lora_active(layer_set_lora, backend):
+    """SGLang's layer rule: LoRA runs when set and a batch is prepared, unless the backend skips
+    adapter-free batches."""
+    info = backend.get_batch_info()
+    skips = backend.skip_inactive_lora_batches or backend.skip_inactive_dense_lora
+    return layer_set_lora and info is not None and (info.has_active_lora or not skips)
+
+
 def _fake_sglang(monkeypatch, choices):
-    """Stand-in modules for SGLang's backend registry and (when ``choices`` is not None) the
-    ``server_args`` module keeping ``LORA_BACKEND_CHOICES``; returns the registry dict."""
+    """Stand-in modules for SGLang's base backend, its backend registry and (when ``choices`` is not
+    None) the ``server_args`` module keeping ``LORA_BACKEND_CHOICES``; returns the registry dict."""
     registry = {}
     mod = types.ModuleType("sglang.srt.lora.backend.lora_registry")
     mod.register_lora_backend = lambda name: (lambda fn: registry.__setitem__(name, fn) or fn)
     for name in ("sglang", "sglang.srt", "sglang.srt.lora", "sglang.srt.lora.backend"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    base = types.ModuleType("sglang.srt.lora.backend.base_backend")
+    base.BaseLoRABackend = BaseLoRABackend
+    monkeypatch.setitem(sys.modules, base.__name__, base)
     if choices is not None:
         args = types.ModuleType("sglang.srt.server_args")
         args.LORA_BACKEND_CHOICES = choices
@@ -233,8 +288,10 @@ def test_register_adds_the_backend_and_widens_the_cli(monkeypatch):
     with pytest.raises(SystemExit), mock.patch("sys.stderr"):
         parser.parse_args(["--lora-backend", BACKEND_NAME])
     register()
-    register()  # plug-ins load again in every worker: no duplicate
-    assert registry[BACKEND_NAME]() is AdaptkernLoRABackend
+    cls = registry[BACKEND_NAME]()
+    register()  # plug-ins load again in every worker: no duplicate, the same class
+    assert registry[BACKEND_NAME]() is cls
+    assert issubclass(cls, AdaptkernLoRABackend) and issubclass(cls, BaseLoRABackend)
     assert choices == ["triton", "csgmv", "ascend", "torch_native", BACKEND_NAME]
     assert parser.parse_args(["--lora-backend", BACKEND_NAME]).lora_backend == BACKEND_NAME
 
@@ -243,4 +300,70 @@ def test_register_without_a_choices_list_warns(monkeypatch):
     registry = _fake_sglang(monkeypatch, None)
     with pytest.warns(UserWarning, match="LORA_BACKEND_CHOICES"):
         register()
-    assert registry[BACKEND_NAME]() is AdaptkernLoRABackend
+    assert issubclass(registry[BACKEND_NAME](), AdaptkernLoRABackend)
+
+
+def test_registered_class_has_the_members_sglang_reads(monkeypatch):
+    registry = _fake_sglang(monkeypatch, [])
+    register()
+    be = registry[BACKEND_NAME]()(S, "cpu")
+    assert all(hasattr(be, name) for name in READ_MEMBERS)
+    assert be.batch_info is None and be.get_batch_info() is None and be.lm_head_batch_info == "stale"
+    assert not be.supports_lora_a_overlap and not be.skip_inactive_lora_batches
+    assert not be.supports_prefill_cuda_graph and not be.is_moe_lora
+    assert type(be).prepare_lora_batch is AdaptkernLoRABackend.prepare_lora_batch
+    assert type(be).init_decode_cuda_graph_batch_info is AdaptkernLoRABackend.init_decode_cuda_graph_batch_info
+    with pytest.raises(NotImplementedError):
+        be.init_prefill_cuda_graph_batch_info(64, 8)
+    # as SGLang's manager calls it: positional decode-graph flag, then the prefill-graph flag
+    be.prepare_lora_batch(_batch([2, 3]), [1, 2], RANKS, SCALINGS, False, False)
+    info = be.get_batch_info(None)
+    assert info is be.batch_info and info.mapping is be.mapping
+    assert info.mapping.slots[:5].tolist() == [1, 1, 2, 2, 2]
+    assert (info.bs, info.seg_lens, info.weight_indices) == (2, [2, 3], [1, 2])
+    assert info.has_active_lora and info.is_prefill and not info.use_cuda_graph
+    assert info.lora_ranks.tolist() == RANKS and info.scalings.tolist() == SCALINGS
+    assert _lora_active(True, be) and not _lora_active(False, be)
+    be.prepare_lora_batch(_batch([4]), [1], RANKS, SCALINGS, False)  # slot 1 has rank 0
+    assert not be.batch_info.has_active_lora and _lora_active(True, be)  # still runs: rank-0 slots add nothing
+    be.reset_batch_state()  # an idle forward: no batch, the base's lm_head state cleared too
+    assert be.get_batch_info() is None and be.mapping is None and be.lm_head_batch_info is None
+    assert not _lora_active(True, be)
+
+
+@pytest.mark.parametrize("init", ["new", "new_kw", "old_positional", "old_kw"])
+def test_decode_graph_init_signatures(init):
+    be = AdaptkernLoRABackend(S, "cpu")
+    if init == "new":
+        be.init_decode_cuda_graph_batch_info(4, 2)
+    elif init == "new_kw":
+        be.init_decode_cuda_graph_batch_info(max_bs_in_cuda_graph=4, num_tokens_per_req=2)
+    elif init == "old_positional":
+        be.init_cuda_graph_batch_info(object(), 4, num_tokens_per_bs=2)
+    else:
+        be.init_cuda_graph_batch_info(max_bs_in_cuda_graph=4, num_tokens_per_bs=2)
+    graph = be.decode_cuda_graph_batch_info
+    assert graph.use_cuda_graph and graph.tokens_per_request == 2 and graph.mapping.max_tokens == 8
+    buffers = graph.mapping.slots.data_ptr()
+    # target verification: an extend batch without per-sequence lengths, 2 tokens per request
+    verify = _batch([5], extend=True)
+    verify.extend_seq_lens_cpu = None
+    for indices in ([2, 0, 1], [0, 2, 2]):
+        verify.batch_size = len(indices)
+        be.prepare_lora_batch(verify, indices, RANKS, SCALINGS, use_decode_cuda_graph=True)
+        assert be.batch_info is graph and be.mapping.slots.data_ptr() == buffers
+        assert be.mapping.slots[:6].tolist() == [w for w in indices for _ in range(2)]
+        assert graph.seg_lens == [2] * 3 and not graph.is_prefill
+    be.prepare_lora_batch(_batch([1, 1]), [0, 1], RANKS, SCALINGS, False)  # eager: a fresh batch
+    assert be.batch_info is not graph and be.graph_mapping is graph.mapping
+
+
+def test_prepare_refuses_what_it_cannot_serve():
+    be = AdaptkernLoRABackend(S, "cpu")
+    with pytest.raises(ValueError, match="init_decode_cuda_graph_batch_info"):
+        be.prepare_lora_batch(_batch([1], extend=False), [0], RANKS, SCALINGS, True)
+    with pytest.raises(ValueError, match="use_prefill_cuda_graph"):
+        be.prepare_lora_batch(_batch([3]), [0], RANKS, SCALINGS, False, True)
+    with pytest.raises(ValueError, match="weight_indices"):
+        be.prepare_lora_batch(_batch([3, 1]), [0], RANKS, SCALINGS)
+    assert be.batch_info is None  # nothing prepared by a refused call
