@@ -407,7 +407,7 @@ def _mixed_cached(m: int, k: int, br: int, elem: int, interpret: bool, gpu: Opti
 def mixed_plan(m: int, k: int, max_rank: int, elem: int = 2, *, device=None) -> MixedPlan:
     """Launch plan of the mixed-adapter kernels.
 
-    * Rows are sorted by slot (counting sort, the alignment op with block_m=1) above
+    * Rows are sorted by slot (a stable counting sort: the slot metadata in rows.py) above
       MIXED_SORT_MIN_M rows, so that a block meets few distinct slots. Rows are *not*
       padded to one slot per block: padding costs (S+1)·(BLOCK_M-1)
       extra rows of base GEMM, +200 % at M=8192, S=128, BLOCK_M=128, where a block of
