@@ -23,6 +23,16 @@ EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 
 
 @triton.jit
+def _operand_tiles(p_ptr, q_ptr, rm, kk, rn, stride_pm, stride_pk, stride_qk, stride_qn, m_ok, k_ok, n_ok):
+    """The P [BLOCK_M, len(kk)] and Q [len(kk), BLOCK_N] tiles of one K step, zero outside the operands."""
+    p = tl.load(p_ptr + rm[:, None] * stride_pm + kk[None, :] * stride_pk, mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    q = tl.load(q_ptr + kk[:, None] * stride_qk + rn[None, :] * stride_qn, mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0)
+    return p, q
+
+
+@triton.jit
 def _dual_gemm_kernel(
     c_ptr,  # [M, N] out
     p1_ptr,  # [M, K1]
@@ -70,10 +80,8 @@ def _dual_gemm_kernel(
         for k0 in range(0, K2, BLOCK_K2):
             kk = k0 + rk2
             k_ok = kk < K2
-            p = tl.load(p2_ptr + rm[:, None] * stride_p2m + kk[None, :] * stride_p2k,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            q = tl.load(q2_ptr + kk[:, None] * stride_q2k + rn[None, :] * stride_q2n,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            p, q = _operand_tiles(p2_ptr, q2_ptr, rm, kk, rn, stride_p2m, stride_p2k, stride_q2k, stride_q2n,
+                                  m_ok, k_ok, n_ok)
             acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
         acc = acc * (alpha2 / alpha1)
         if DROP == 3:  # the second product is a gradient of x [M, N]: masked before the K loop
@@ -83,10 +91,8 @@ def _dual_gemm_kernel(
     for k0 in range(pid_k * BLOCK_K, K1, BLOCK_K * SPLIT_K):
         kk = k0 + rk
         k_ok = kk < K1
-        p = tl.load(p1_ptr + rm[:, None] * stride_p1m + kk[None, :] * stride_p1k,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        q = tl.load(q1_ptr + kk[:, None] * stride_q1k + rn[None, :] * stride_q1n,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        p, q = _operand_tiles(p1_ptr, q1_ptr, rm, kk, rn, stride_p1m, stride_p1k, stride_q1k, stride_q1n,
+                              m_ok, k_ok, n_ok)
         if DROP == 1:  # P1 is x [M, K1]
             p = p.to(ACC) * keep_scale(seed, rm, k0, drop_ld, dropout_p, BLOCK_K)
         if DROP == 2:  # Q1 is x [K1, N]
@@ -108,19 +114,15 @@ def _dual_gemm_kernel(
             for k0 in range(0, K1, BLOCK_K):
                 kk = k0 + rk
                 k_ok = kk < K1
-                p = tl.load(p1_ptr + rm[:, None] * stride_p1m + kk[None, :] * stride_p1k,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                q = tl.load(q1_ptr + kk[:, None] * stride_q1k + rn[None, :] * stride_q1n,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                p, q = _operand_tiles(p1_ptr, q1_ptr, rm, kk, rn, stride_p1m, stride_p1k, stride_q1k, stride_q1n,
+                                      m_ok, k_ok, n_ok)
                 acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
             rk2 = tl.arange(0, BLOCK_K2)
             for k0 in range(0, K2, BLOCK_K2):
                 kk = k0 + rk2
                 k_ok = kk < K2
-                p = tl.load(p2_ptr + rm[:, None] * stride_p2m + kk[None, :] * stride_p2k,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                q = tl.load(q2_ptr + kk[:, None] * stride_q2k + rn[None, :] * stride_q2n,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                p, q = _operand_tiles(p2_ptr, q2_ptr, rm, kk, rn, stride_p2m, stride_p2k, stride_q2k, stride_q2n,
+                                      m_ok, k_ok, n_ok)
                 acc = tl.dot(p.to(DOT_DTYPE), (q.to(ACC) * alpha2).to(DOT_DTYPE), acc, input_precision=PRECISION,
                              out_dtype=ACC)
 
